@@ -1,0 +1,169 @@
+"""What each ``tessera`` sub-command does; argument parsing lives in :mod:`app.cli.main`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("tessera")
+
+
+def tool_version() -> str:
+    from app import __version__
+
+    return __version__
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear progress bars apart."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("monai", "nibabel", "PIL", "matplotlib", "highdicom", "pydicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+
+
+def _dataset_label_name(dataset: str, value: int) -> str | None:
+    try:
+        return json.loads((Path(dataset) / "dataset.json").read_text())["labels"].get(str(value))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def train(args: argparse.Namespace) -> int:
+    from pipelines.phantoms import STRUCTURES
+    from pipelines.training import TrainingConfig
+    from pipelines.training import train as run_training
+
+    network: dict = {"feature_size": args.feature_size, "use_v2": bool(args.v2), "depths": args.depths}
+    intensity = {"kind": "window", "a_min": -300.0, "a_max": 700.0, "b_min": 0.0, "b_max": 1.0}
+    if args.window:
+        intensity.update(a_min=args.window[0], a_max=args.window[1])
+    config = TrainingConfig(
+        name=args.name, iterations=args.iterations, batch_size=args.batch_size, crop_size=args.crop,
+        learning_rate=args.lr, validate_every=args.validate_every, validation_cases=args.validation_cases,
+        seed=args.seed, device=args.device, network=network, spacing=args.spacing, intensity=intensity,
+        roi_size=args.roi,
+    )
+    # Display colours for labels the phantom generator knows by name; other datasets get viewer defaults.
+    colors = {s.value: s.color for s in STRUCTURES}
+    colors = {v: c for v, c in colors.items() if _dataset_label_name(args.dataset, v) == STRUCTURES[v - 1].name}
+    with tqdm(total=args.iterations, desc="training", unit="it", disable=None) as bar:
+        def advance(iteration: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        manifest = run_training(args.dataset, args.output, config, colors=colors, on_progress=advance)
+    best = manifest.training.get("best_validation_mean_dice")
+    log.info("model '%s' written to %s (best validation mean Dice %s)", manifest.name, args.output, best)
+    return 0
+
+
+def segment(args: argparse.Namespace) -> int:
+    from models.registry import resolve_model
+    from pipelines.cases import discover_cases
+    from pipelines.inference import Predictor
+    from pipelines.segment import segment_case
+
+    cases = discover_cases(args.inputs)
+    if not cases:
+        log.error("no NIfTI cases found in %s", ", ".join(args.inputs))
+        return 2
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    run_log = logging.FileHandler(output / "tessera.log")
+    run_log.setLevel(logging.DEBUG)
+    run_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(run_log)
+    logging.getLogger().setLevel(logging.DEBUG)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _TqdmHandler) and not args.verbose:
+            handler.setLevel(logging.INFO)
+    manifest = resolve_model(args.model)
+    predictor = Predictor(manifest, device=args.device, amp=args.amp)
+    log.info("model %s %s on %s; %d case(s) -> %s", manifest.name, manifest.version, predictor.device,
+             len(cases), output)
+    counts = {"succeeded": 0, "failed": 0, "skipped": 0}
+    show_windows = sys.stderr.isatty()
+    with tqdm(cases, desc="cases", unit="case", disable=None) as bar:
+        for case in bar:
+            bar.set_postfix_str(case.case_id)
+            result = segment_case(case, output, predictor, keep_largest=not args.no_keep_largest,
+                                  overwrite=args.overwrite, progress=show_windows)
+            counts[result.status] += 1
+            if result.status == "failed":
+                log.error("FAILED %s: %s: %s", case.case_id, result.error_code, result.error_message)
+            elif result.status == "skipped":
+                log.info("skipped %s (already done; --overwrite to redo)", case.case_id)
+    summary = {"cases": len(cases), **counts, "model": manifest.name, "output": str(output)}
+    (output / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%d succeeded, %d failed, %d skipped", counts["succeeded"], counts["failed"], counts["skipped"])
+    return 1 if counts["failed"] else 0
+
+
+def models_list(args: argparse.Namespace) -> int:
+    from models.registry import list_manifests
+
+    manifests = list_manifests()
+    if not manifests:
+        print("no models registered")
+        return 0
+    print(f"{'name':<28} {'version':<9} {'family':<12} {'channels':<10} labels")
+    for m in manifests:
+        channels = "+".join(c.modality for c in m.channels)
+        print(f"{m.name:<28} {m.version:<9} {m.family:<12} {channels:<10} {', '.join(m.label_names().values())}")
+    return 0
+
+
+def models_show(args: argparse.Namespace) -> int:
+    from models.registry import resolve_model
+
+    manifest = resolve_model(args.name)
+    data = manifest.to_json()
+    data["weights_path"] = str(manifest.weights_path)
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def models_add(args: argparse.Namespace) -> int:
+    from models.registry import register_model
+
+    manifest = register_model(args.manifest, overwrite=args.overwrite)
+    log.info("registered '%s' at %s", manifest.name, manifest.manifest_path)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluation_run import evaluate_folder, format_table
+
+    output = Path(args.output) if args.output else Path(args.pred) / "metrics.json"
+    metrics = evaluate_folder(Path(args.pred), Path(args.truth), Path(args.labels) if args.labels else None)
+    output.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(format_table(metrics))
+    print(f"metrics written to {output}")
+    return 1 if metrics["failed_cases"] else 0
+
+
+def sample_data(args: argparse.Namespace) -> int:
+    from pipelines.phantoms import write_dataset
+
+    root = write_dataset(args.output, n_train=args.train, n_test=args.test, first_seed=args.first_seed)
+    log.info("wrote %d training and %d test phantoms to %s", args.train, args.test, root)
+    return 0

@@ -1,0 +1,121 @@
+"""``tessera``: the command line. Exit codes: 0 all good, 1 some case failed, 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from app.cli import commands
+from pipelines.errors import TesseraError, UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# Errors in what the user typed rather than in the data: exit code 2 like argparse's own.
+USAGE_CODES = {"MODEL_NOT_FOUND", "MANIFEST_NOT_FOUND", "INPUT_NOT_FOUND", "DUPLICATE_CASE"}
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    parts = [float(p) for p in text.replace("x", ",").split(",")]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected one number or three (e.g. 64,64,32), got {text!r}")
+    return (parts[0], parts[1], parts[2])
+
+
+def _int_triple(text: str) -> tuple[int, int, int]:
+    a, b, c = _triple(text)
+    return (int(a), int(b), int(c))
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description="3D medical image segmentation")
+    parser.add_argument("--version", action="version", version=f"tessera {commands.tool_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on the terminal")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment NIfTI files or folders of them")
+    seg.add_argument("inputs", nargs="+", help="a NIfTI file or a folder of cases")
+    seg.add_argument("-o", "--output", required=True, help="output folder: one sub-folder per case")
+    seg.add_argument("--model", default=None, help="registered model name or a manifest.json path")
+    seg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    seg.add_argument("--overwrite", action="store_true", help="redo cases that already succeeded")
+    seg.add_argument("--no-keep-largest", action="store_true", help="skip keep-largest-component")
+    seg.add_argument("--amp", action="store_true", help="mixed precision forward on CUDA")
+    seg.set_defaults(handler=commands.segment)
+
+    mdl = sub.add_parser("models", help="list, show or register models")
+    mdl_sub = mdl.add_subparsers(dest="models_command")
+    mdl.set_defaults(handler=commands.models_list)
+    mdl_sub.add_parser("list", help="list registered models").set_defaults(handler=commands.models_list)
+    show = mdl_sub.add_parser("show", help="print one model's manifest")
+    show.add_argument("name")
+    show.set_defaults(handler=commands.models_show)
+    add = mdl_sub.add_parser("add", help="register a manifest (+ weights) in the user model folder")
+    add.add_argument("manifest")
+    add.add_argument("--overwrite", action="store_true")
+    add.set_defaults(handler=commands.models_add)
+
+    trn = sub.add_parser("train", help="train a model on an MSD-style dataset folder")
+    trn.add_argument("dataset", help="folder with dataset.json, imagesTr/, labelsTr/")
+    trn.add_argument("-o", "--output", required=True, help="folder for model.pt + manifest.json")
+    trn.add_argument("--name", required=True, help="model name for the manifest")
+    trn.add_argument("--iterations", type=int, default=600)
+    trn.add_argument("--batch-size", type=int, default=2)
+    trn.add_argument("--crop", type=_int_triple, default=(64, 64, 32), help="training crop, e.g. 64,64,32")
+    trn.add_argument("--roi", type=_int_triple, default=(64, 64, 64), help="inference window, e.g. 96")
+    trn.add_argument("--spacing", type=_triple, default=(2.5, 2.5, 2.5), help="model spacing in mm")
+    trn.add_argument("--feature-size", type=int, default=12)
+    trn.add_argument("--depths", type=_int_list, default=[1, 1, 1, 1], help="Swin depths per stage, e.g. 2,2,2,2")
+    trn.add_argument("--v2", action="store_true", help="Swin-UNETR v2 (residual conv blocks per stage)")
+    trn.add_argument("--lr", type=float, default=1e-3)
+    trn.add_argument("--validate-every", type=int, default=100)
+    trn.add_argument("--validation-cases", type=int, default=2)
+    trn.add_argument("--window", type=_triple, default=None, help="HU window low,high (default -300,700)")
+    trn.add_argument("--seed", type=int, default=0)
+    trn.add_argument("--device", default="auto")
+    trn.set_defaults(handler=commands.train)
+
+    ev = sub.add_parser("evaluate", help="Dice and HD95 of predicted masks against reference labels")
+    ev.add_argument("--pred", required=True, help="tessera segment output folder, or a folder of masks")
+    ev.add_argument("--truth", required=True, help="folder of reference label maps (<case>.nii.gz)")
+    ev.add_argument("--labels", default=None, help="dataset.json or labels JSON for label names")
+    ev.add_argument("-o", "--output", default=None, help="write metrics JSON here (default PRED/metrics.json)")
+    ev.set_defaults(handler=commands.evaluate)
+
+    gen = sub.add_parser("sample-data", help="generate the synthetic phantom dataset")
+    gen.add_argument("-o", "--output", required=True)
+    gen.add_argument("--train", type=int, default=20)
+    gen.add_argument("--test", type=int, default=4)
+    gen.add_argument("--first-seed", type=int, default=0)
+    gen.set_defaults(handler=commands.sample_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands.configure_logging(verbose=args.verbose)
+    try:
+        return int(args.handler(args))
+    except UsageError as exc:
+        logging.getLogger("tessera").error("%s", exc)
+        return EXIT_USAGE
+    except TesseraError as exc:
+        logging.getLogger("tessera").error("%s", exc)
+        return EXIT_USAGE if exc.code in USAGE_CODES else EXIT_FAILED
+    except KeyboardInterrupt:
+        logging.getLogger("tessera").error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model registry (readable without torch), network factories and the segmenter families."""

@@ -1,0 +1,87 @@
+"""The load-once predictor: one network on one device, many cases."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+
+from models.manifest import ModelManifest
+from models.networks import load_network
+from pipelines.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError("BAD_DEVICE", f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("CUDA_UNAVAILABLE", "--device cuda was asked for but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    roi_size: tuple[int, int, int]
+    overlap: float
+    mode: str
+    sw_batch_size: int
+
+
+class Predictor:
+    """A network loaded once with verified weights; :meth:`probabilities` runs sliding windows."""
+
+    def __init__(self, manifest: ModelManifest, device: str = "auto", amp: bool = False) -> None:
+        self.manifest = manifest
+        self.device = resolve_device(device)
+        network, self.weights_sha256 = load_network(manifest)
+        self.network = network.to(self.device)
+        self.amp = amp and self.device.type == "cuda"
+        spec = manifest.inference
+        self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
+
+    @classmethod
+    def from_network(cls, manifest: ModelManifest, network: torch.nn.Module, device: str = "cpu") -> Predictor:
+        """Wrap a network already in memory (training validation) without touching the weights file."""
+        self = cls.__new__(cls)
+        self.manifest = manifest
+        self.device = resolve_device(device)
+        self.network = network
+        self.weights_sha256 = ""
+        self.amp = False
+        spec = manifest.inference
+        self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
+        return self
+
+    @torch.no_grad()
+    def probabilities(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """Softmax class probabilities ``(K, *spatial)`` on the CPU for a ``(C, *spatial)`` input."""
+        expected = len(self.manifest.channels)
+        if image.shape[0] != expected:
+            raise UsageError(
+                "CHANNEL_COUNT_MISMATCH",
+                f"model '{self.manifest.name}' takes {expected} channel(s), the input has {image.shape[0]}",
+            )
+        was_training = self.network.training
+        self.network.eval()
+        batch = image[None].to(self.device)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            logits = sliding_window_inference(
+                batch,
+                roi_size=self.window.roi_size,
+                sw_batch_size=self.window.sw_batch_size,
+                predictor=self.network,
+                overlap=self.window.overlap,
+                mode=self.window.mode,
+                progress=progress,
+            )
+        self.network.train(was_training)
+        if isinstance(logits, MetaTensor):
+            logits = logits.as_tensor()
+        return torch.softmax(logits.float(), dim=1)[0].cpu()

@@ -1,0 +1,98 @@
+"""NIfTI-1/2 reading with nibabel, refusing what cannot be read correctly."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from pipelines.errors import InputError
+from pipelines.volume import Volume, VolumeMetadata
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def case_id_for(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def read_nifti(path: str | Path, modality: str = "unknown") -> Volume:
+    """A 3-D volume from a ``.nii``/``.nii.gz`` file (a 4-D file only if it holds one volume).
+
+    Raises :class:`InputError` with a code for a missing, corrupt, truncated or non-3-D file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("INPUT_NOT_FOUND", f"{path.name}: no such file")
+    try:
+        image = nib.load(str(path))
+    except (ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+        raise InputError("NIFTI_UNREADABLE", f"{path.name}: not a readable NIfTI file ({_short(exc)})") from exc
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError("NIFTI_UNREADABLE", f"{path.name}: not a NIfTI image ({type(image).__name__})")
+    shape = image.shape
+    if len(shape) < 3:
+        raise InputError("NIFTI_NOT_3D", f"{path.name}: has {len(shape)} dimensions {shape}; a 3-D volume is needed")
+    extra = shape[3:]
+    if any(n != 1 for n in extra):
+        raise InputError(
+            "NIFTI_MULTI_VOLUME",
+            f"{path.name}: holds {int(np.prod(extra))} volumes {shape}; extract the one to segment "
+            "(e.g. 'fslroi in out 0 1') or pass one file per channel",
+        )
+    if min(shape[:3]) < 2:
+        raise InputError("NIFTI_NOT_3D", f"{path.name}: shape {shape[:3]} is a slice, not a volume")
+    try:
+        data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape[:3])
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        message = f"{path.name}: image data is truncated or corrupt ({_short(exc)})"
+        raise InputError("NIFTI_UNREADABLE", message) from exc
+    try:
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        raise InputError("NIFTI_BAD_AFFINE", f"{path.name}: the orientation header is invalid ({_short(exc)})") from exc
+    _check_affine(path, affine)
+    non_finite = ~np.isfinite(data)
+    if non_finite.all():
+        raise InputError("NIFTI_NO_DATA", f"{path.name}: every voxel is NaN or infinite")
+    if non_finite.any():
+        fill = float(np.nanmin(np.where(non_finite, np.nan, data)))
+        log.warning("%s: %d non-finite voxels set to the image minimum", path.name, int(non_finite.sum()))
+        data = np.where(non_finite, fill, data)
+    header = image.header
+    metadata = VolumeMetadata(
+        case_id=case_id_for(path),
+        source=path.name,
+        modality=modality,
+        source_format="nifti",
+        qform_code=int(header["qform_code"]),
+        sform_code=int(header["sform_code"]),
+    )
+    return Volume(array=data, affine=affine, metadata=metadata, header=header.copy())
+
+
+def _check_affine(path: Path, affine: np.ndarray) -> None:
+    if not np.all(np.isfinite(affine)):
+        raise InputError("NIFTI_BAD_AFFINE", f"{path.name}: the affine has non-finite entries")
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if np.any(zooms < 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError("NIFTI_BAD_AFFINE", f"{path.name}: the affine is singular (voxel sizes {zooms.round(4)})")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:160]

@@ -1,0 +1,121 @@
+"""Source grid -> model space, and back again.
+
+Forward: reorient (MONAI ``Orientation``: an exact flip/permute), resample to the model's spacing
+(MONAI ``Spacing``), then the intensity transform. Back: resample class probabilities onto the oriented
+source grid (MONAI ``SpatialResample``, in world coordinates), then undo the orientation exactly. The
+mask therefore lands on the source grid by construction: same shape, same affine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    NormalizeIntensity,
+    NormalizeIntensityd,
+    Orientation,
+    Orientationd,
+    ScaleIntensityRange,
+    ScaleIntensityRanged,
+    Spacing,
+    Spacingd,
+    SpatialResample,
+)
+from nibabel import orientations
+
+from models.manifest import IntensitySpec, PreprocessingSpec
+from pipelines.volume import Volume
+
+
+@dataclass(frozen=True)
+class GridMapping:
+    """How one source grid relates to the model-space grid, enough to map results back."""
+
+    source_shape: tuple[int, int, int]
+    source_affine: np.ndarray
+    to_oriented: np.ndarray  # nibabel ornt: source axes -> oriented axes
+    oriented_shape: tuple[int, int, int]
+    oriented_affine: np.ndarray
+    model_shape: tuple[int, int, int]
+    model_affine: np.ndarray
+
+    @property
+    def resampled(self) -> bool:
+        return self.model_shape != self.oriented_shape or not np.allclose(
+            self.model_affine, self.oriented_affine, atol=1e-6
+        )
+
+    def to_source(self, channels: torch.Tensor) -> torch.Tensor:
+        """Channel-first model-space values (probabilities, logits) on the exact source grid."""
+        if isinstance(channels, MetaTensor):
+            channels = channels.as_tensor()
+        if self.resampled:
+            moving = MetaTensor(channels.float(), affine=torch.as_tensor(self.model_affine, dtype=torch.float64))
+            resampler = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)
+            channels = resampler(
+                moving, dst_affine=torch.as_tensor(self.oriented_affine, dtype=torch.float64),
+                spatial_size=self.oriented_shape,
+            )
+        array = torch.as_tensor(channels).detach().cpu().numpy()
+        back = orientations.ornt_transform(
+            orientations.io_orientation(self.oriented_affine), orientations.io_orientation(self.source_affine)
+        )
+        restored = orientations.apply_orientation(np.moveaxis(array, 0, -1), back)
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(restored, -1, 0)))
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    image: torch.Tensor  # (C, *model_shape), float32
+    mapping: GridMapping
+
+
+def intensity_transform(spec: IntensitySpec) -> Any:
+    if spec.kind == "window":
+        return ScaleIntensityRange(spec.a_min, spec.a_max, spec.b_min, spec.b_max, clip=spec.clip)
+    if spec.kind == "zscore":
+        return NormalizeIntensity(nonzero=True, channel_wise=True)
+    return lambda image: image
+
+
+def prepare(volume: Volume, spec: PreprocessingSpec) -> PreparedInput:
+    """The channel-first model input for ``volume`` and the mapping back to its grid."""
+    array = volume.array if volume.array.ndim == 4 else volume.array[None]
+    source = MetaTensor(torch.as_tensor(array, dtype=torch.float32), affine=torch.as_tensor(volume.affine))
+    oriented = Orientation(axcodes=spec.orientation)(source)
+    model = Spacing(pixdim=spec.spacing, mode="bilinear")(oriented) if spec.spacing else oriented
+    image = intensity_transform(spec.intensity)(model)
+    mapping = GridMapping(
+        source_shape=volume.spatial_shape,
+        source_affine=np.asarray(volume.affine, dtype=np.float64),
+        to_oriented=orientations.ornt_transform(
+            orientations.io_orientation(volume.affine), orientations.axcodes2ornt(tuple(spec.orientation))
+        ),
+        oriented_shape=tuple(int(s) for s in oriented.shape[1:]),  # type: ignore[arg-type]
+        oriented_affine=np.asarray(oriented.affine, dtype=np.float64),
+        model_shape=tuple(int(s) for s in model.shape[1:]),  # type: ignore[arg-type]
+        model_affine=np.asarray(model.affine, dtype=np.float64),
+    )
+    return PreparedInput(image=torch.as_tensor(image, dtype=torch.float32).contiguous(), mapping=mapping)
+
+
+def training_transforms(spec: PreprocessingSpec, keys: tuple[str, str] = ("image", "label")) -> list[Any]:
+    """The same model-space mapping as :func:`prepare`, as MONAI dictionary transforms for training."""
+    steps: list[Any] = [Orientationd(keys=keys, axcodes=spec.orientation)]
+    if spec.spacing:
+        steps.append(Spacingd(keys=keys, pixdim=spec.spacing, mode=("bilinear", "nearest")))
+    intensity = spec.intensity
+    if intensity.kind == "window":
+        steps.append(
+            ScaleIntensityRanged(
+                keys=keys[0], a_min=intensity.a_min, a_max=intensity.a_max,
+                b_min=intensity.b_min, b_max=intensity.b_max, clip=intensity.clip,
+            )
+        )
+    elif intensity.kind == "zscore":
+        steps.append(NormalizeIntensityd(keys=keys[0], nonzero=True, channel_wise=True))
+    return steps

@@ -1,0 +1,204 @@
+"""One case, one way: read -> prepare -> predict -> back to the source grid -> postprocess -> write.
+
+The CLI, the service and batch backends all call :func:`segment_case` (or :func:`segment_volume`
+when the volume is already in memory); none of them re-implements a step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.cases import CaseInput
+from pipelines.errors import TesseraError
+from pipelines.inference import Predictor
+from pipelines.ingestion.nifti import read_nifti
+from pipelines.postprocessing import keep_largest_components, labels_from_probabilities
+from pipelines.preprocessing import GridMapping, prepare
+from pipelines.volume import Volume
+from pipelines.writers.nifti import write_mask
+from pipelines.writers.report import label_table, software_versions, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+@dataclass
+class Segmentation:
+    """A label map on the source grid of ``volume`` and what it took to make it."""
+
+    labels: np.ndarray
+    volume: Volume
+    mapping: GridMapping
+    timer: StageTimer
+    warnings: list[str] = field(default_factory=list)
+
+
+def segment_volume(
+    volume: Volume,
+    predictor: Predictor,
+    *,
+    keep_largest: bool = True,
+    progress: bool = False,
+    timer: StageTimer | None = None,
+) -> Segmentation:
+    """Segment an in-memory volume; the labels have exactly ``volume``'s shape and affine."""
+    timer = timer or StageTimer()
+    manifest = predictor.manifest
+    warnings: list[str] = []
+    with timer.stage("preprocess"):
+        prepared = prepare(volume, manifest.preprocessing)
+    with timer.stage("predict"):
+        probabilities = predictor.probabilities(prepared.image, progress=progress)
+    with timer.stage("to_source_grid"):
+        on_source = prepared.mapping.to_source(probabilities)
+        labels = labels_from_probabilities(on_source, manifest.num_classes)
+    with timer.stage("postprocess"):
+        if keep_largest and manifest.keep_largest_component:
+            labels = keep_largest_components(labels, manifest.keep_largest_component)
+    if labels.shape != volume.spatial_shape:  # guaranteed by construction; a failure here is a bug
+        raise AssertionError(f"mask shape {labels.shape} != source shape {volume.spatial_shape}")
+    return Segmentation(labels=labels, volume=volume, mapping=prepared.mapping, timer=timer, warnings=warnings)
+
+
+# --- one case from file to folder -------------------------------------------------------------
+
+REPORT_NAME = "report.json"
+MASK_NAME = "mask.nii.gz"
+LABELS_NAME = "labels.json"
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    status: str  # "succeeded", "failed" or "skipped"
+    output_dir: Path
+    error_code: str | None = None
+    error_message: str | None = None
+    seconds: float = 0.0
+
+
+def is_finished(case_dir: Path) -> bool:
+    """A case counts as done only when its report says so and its mask exists."""
+    report = case_dir / REPORT_NAME
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return False
+    return data.get("status") == "succeeded" and (case_dir / MASK_NAME).is_file()
+
+
+def segment_case(
+    case: CaseInput,
+    output_root: Path,
+    predictor: Predictor,
+    *,
+    keep_largest: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> CaseResult:
+    """Segment one input file into ``output_root/<case_id>/``; never raises for a bad case.
+
+    Results are written into a ``.partial`` folder that is renamed into place at the end, so an
+    interrupted run never leaves a half-written case that looks finished.
+    """
+    case_dir = output_root / case.case_id
+    if not overwrite and is_finished(case_dir):
+        return CaseResult(case.case_id, "skipped", case_dir)
+    started = time.perf_counter()
+    timer = StageTimer()
+    report: dict[str, Any] = _report_header(case, predictor, keep_largest)
+    staging = output_root / f".{case.case_id}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with timer.stage("read"):
+            volume = read_nifti(case.path, modality=predictor.manifest.channels[0].modality)
+        result = segment_volume(volume, predictor, keep_largest=keep_largest, progress=progress, timer=timer)
+        with timer.stage("write"):
+            write_mask(result.labels, volume, staging / MASK_NAME)
+            write_json(label_table(predictor.manifest), staging / LABELS_NAME)
+        report.update(status="succeeded", warnings=result.warnings, geometry=_geometry(result),
+                      label_voxels=_label_voxels(result.labels, predictor.manifest.label_names()))
+        error: TesseraError | None = None
+    except TesseraError as exc:
+        error = exc
+    except Exception as exc:  # a bug or an unforeseen input: the case fails, the batch goes on
+        log.debug("case %s failed with an internal error", case.case_id, exc_info=True)
+        error = TesseraError("INTERNAL_ERROR", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    seconds = round(time.perf_counter() - started, 3)
+    report["timings_s"] = {**timer.seconds, "total": seconds}
+    if error is not None:
+        report.update(status="failed", error={"code": error.code, "message": error.message})
+    write_json(report, staging / REPORT_NAME)
+    if case_dir.exists():
+        shutil.rmtree(case_dir)
+    staging.rename(case_dir)
+    if error is not None:
+        return CaseResult(case.case_id, "failed", case_dir, error.code, error.message, seconds)
+    return CaseResult(case.case_id, "succeeded", case_dir, seconds=seconds)
+
+
+def _report_header(case: CaseInput, predictor: Predictor, keep_largest: bool) -> dict[str, Any]:
+    manifest = predictor.manifest
+    return {
+        "status": "running",
+        "case": case.case_id,
+        "input": case.path.name,
+        "versions": software_versions(),
+        "model": {
+            "name": manifest.name,
+            "version": manifest.version,
+            "family": manifest.family,
+            "weights_sha256": predictor.weights_sha256,
+        },
+        "device": str(predictor.device),
+        "settings": {
+            "roi_size": list(predictor.window.roi_size),
+            "overlap": predictor.window.overlap,
+            "mode": predictor.window.mode,
+            "sw_batch_size": predictor.window.sw_batch_size,
+            "amp": predictor.amp,
+            "keep_largest_component": keep_largest,
+            "preprocessing": asdict(manifest.preprocessing),
+        },
+        "warnings": [],
+    }
+
+
+def _geometry(result: Segmentation) -> dict[str, Any]:
+    volume, mapping = result.volume, result.mapping
+    return {
+        "source_shape": list(volume.spatial_shape),
+        "source_spacing_mm": [round(s, 5) for s in volume.spacing],
+        "source_orientation": volume.orientation,
+        "affine": np.round(volume.affine, 6).tolist(),
+        "model_shape": list(mapping.model_shape),
+        "resampled": mapping.resampled,
+    }
+
+
+def _label_voxels(labels: np.ndarray, names: dict[int, str]) -> dict[str, int]:
+    counts = np.bincount(labels.ravel(), minlength=max(names) + 1)
+    return {name: int(counts[value]) for value, name in sorted(names.items())}

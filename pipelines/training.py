@@ -1,0 +1,230 @@
+"""``tessera train``: an MSD-style dataset in, checkpoint + manifest out.
+
+Random crops (more often centred on a structure than not) through the same model-space mapping as
+inference, Dice-CE loss, AdamW with a cosine schedule; the checkpoint kept is the one with the best
+mean Dice on held-out cases, measured through the full segmentation pipeline on the source grid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.losses import DiceCELoss
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    RandCropByPosNegLabeld,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+from monai.utils import set_determinism
+
+from models.manifest import ModelManifest, file_sha256, manifest_from_dict
+from models.networks import build_network
+from pipelines.errors import InputError
+from pipelines.evaluation import mean_dice, score_case
+from pipelines.inference import Predictor, resolve_device
+from pipelines.ingestion.nifti import read_nifti
+from pipelines.preprocessing import training_transforms
+from pipelines.segment import segment_volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    name: str
+    iterations: int = 600
+    batch_size: int = 2
+    crop_size: tuple[int, int, int] = (64, 64, 32)
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    validate_every: int = 100
+    validation_cases: int = 2
+    seed: int = 0
+    device: str = "auto"
+    family: str = "swin_unetr"
+    network: dict[str, Any] = field(
+        default_factory=lambda: {"feature_size": 12, "depths": [1, 1, 1, 1], "use_v2": False}
+    )
+    spacing: tuple[float, float, float] | None = (2.5, 2.5, 2.5)
+    intensity: dict[str, Any] = field(
+        default_factory=lambda: {"kind": "window", "a_min": -300.0, "a_max": 700.0, "b_min": 0.0, "b_max": 1.0}
+    )
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    version: str = "1.0.0"
+
+
+@dataclass(frozen=True)
+class MsdDataset:
+    root: Path
+    labels: dict[int, str]
+    modalities: list[str]
+    training: list[dict[str, Path]]
+
+
+def read_msd_dataset(root: str | Path) -> MsdDataset:
+    root = Path(root)
+    path = root / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError("DATASET_INVALID", f"{root}: no dataset.json (an MSD-style folder is expected)") from exc
+    except json.JSONDecodeError as exc:
+        raise InputError("DATASET_INVALID", f"{path}: not valid JSON ({exc})") from exc
+    labels = {int(k): str(v) for k, v in meta.get("labels", {}).items() if int(k) != 0}
+    modalities = [str(meta.get("modality", {}).get(str(i), "unknown")) for i in range(len(meta.get("modality", {})))]
+    pairs = [{"image": (root / item["image"]).resolve(), "label": (root / item["label"]).resolve()}
+             for item in meta.get("training", [])]
+    missing = [p for pair in pairs for p in pair.values() if not p.is_file()]
+    if missing:
+        raise InputError("DATASET_INVALID", f"{root}: {len(missing)} listed files are missing (e.g. {missing[0]})")
+    if not labels or not pairs:
+        raise InputError("DATASET_INVALID", f"{path}: needs 'labels' and a non-empty 'training' list")
+    return MsdDataset(root=root, labels=labels, modalities=modalities or ["unknown"], training=pairs)
+
+
+def _manifest_for(config: TrainingConfig, dataset: MsdDataset, colors: dict[int, tuple[int, int, int]]) -> dict:
+    return {
+        "name": config.name,
+        "version": config.version,
+        "family": config.family,
+        "description": f"{config.family} trained by 'tessera train' on {dataset.root.name}",
+        "channels": [{"name": m, "modality": m} for m in dataset.modalities],
+        "labels": [
+            {"value": v, "name": n, **({"color": list(colors[v])} if v in colors else {})}
+            for v, n in sorted(dataset.labels.items())
+        ],
+        "network": config.network,
+        "preprocessing": {"orientation": "RAS", "spacing": list(config.spacing) if config.spacing else None,
+                          "intensity": config.intensity},
+        "inference": {"roi_size": list(config.roi_size), "overlap": 0.25, "mode": "gaussian", "sw_batch_size": 2},
+        "keep_largest_component": sorted(dataset.labels),
+        "weights": {"path": "model.pt", "sha256": None},
+    }
+
+
+def _loader(manifest: ModelManifest, cases: list[dict[str, Path]], config: TrainingConfig) -> DataLoader:
+    keys = ("image", "label")
+    transforms = Compose([
+        LoadImaged(keys=keys, image_only=False),
+        EnsureChannelFirstd(keys=keys),
+        *training_transforms(manifest.preprocessing, keys),
+        SpatialPadd(keys=keys, spatial_size=config.crop_size),
+        EnsureTyped(keys=keys, track_meta=False),
+    ])
+    random = Compose([
+        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=config.crop_size, pos=2, neg=1,
+                               num_samples=config.batch_size),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+    ])
+    items = [{k: str(v) for k, v in case.items()} for case in cases]
+    cached = CacheDataset(items, transform=Compose([transforms, random]), cache_rate=1.0, num_workers=0,
+                          progress=False)
+    return DataLoader(cached, batch_size=1, shuffle=True, num_workers=0)
+
+
+def train(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    config: TrainingConfig,
+    colors: dict[int, tuple[int, int, int]] | None = None,
+    on_progress: Callable[[int, float], None] | None = None,
+) -> ModelManifest:
+    """Train a model and write ``model.pt``, ``manifest.json`` and ``training_log.json`` to ``out_dir``."""
+    set_determinism(seed=config.seed)
+    dataset = read_msd_dataset(dataset_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_data = _manifest_for(config, dataset, colors or {})
+    manifest = manifest_from_dict(manifest_data, manifest_path=out / "manifest.json")
+    n_val = min(config.validation_cases, max(len(dataset.training) - 1, 0))
+    train_cases = dataset.training[: len(dataset.training) - n_val]
+    val_cases = dataset.training[len(dataset.training) - n_val :]
+    device = resolve_device(config.device)
+    network = build_network(manifest).to(device)
+    loader = _loader(manifest, train_cases, config)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.learning_rate, total_steps=config.iterations, pct_start=0.05
+    )
+    validation = [(read_nifti(c["image"]), read_nifti(c["label"])) for c in val_cases]
+    log_rows: list[dict[str, Any]] = []
+    best = (-1.0, 0)
+    started = time.perf_counter()
+    iteration = 0
+    while iteration < config.iterations:
+        for batch in loader:
+            network.train()
+            image = batch["image"].to(device)
+            label = batch["label"].to(device)
+            loss = loss_fn(network(image), label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            iteration += 1
+            row: dict[str, Any] = {"iteration": iteration, "loss": round(float(loss), 5),
+                                   "seconds": round(time.perf_counter() - started, 1)}
+            if validation and (iteration % config.validate_every == 0 or iteration == config.iterations):
+                row["val_mean_dice"] = _validate(network, manifest, validation, dataset.labels, device.type)
+                if row["val_mean_dice"] > best[0]:
+                    best = (row["val_mean_dice"], iteration)
+                    torch.save(network.state_dict(), out / "model.pt")
+                log.info("iteration %d: loss %.4f, validation mean Dice %.4f", iteration, loss, row["val_mean_dice"])
+            log_rows.append(row)
+            if on_progress:
+                on_progress(iteration, float(loss))
+            if iteration >= config.iterations:
+                break
+    if not validation:
+        torch.save(network.state_dict(), out / "model.pt")
+        best = (float("nan"), iteration)
+    manifest_data["weights"]["sha256"] = file_sha256(out / "model.pt")
+    manifest_data["training"] = {
+        "dataset": dataset.root.name,
+        "training_cases": len(train_cases),
+        "validation_cases": [Path(c["image"]).name for c in val_cases],
+        "best_validation_mean_dice": None if np.isnan(best[0]) else round(best[0], 4),
+        "best_iteration": best[1],
+        "config": {k: v for k, v in config.__dict__.items() if k != "name"},
+        "seconds": round(time.perf_counter() - started, 1),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "platform": platform.platform(),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest_data, indent=2) + "\n")
+    (out / "training_log.json").write_text(json.dumps(log_rows, indent=1) + "\n")
+    return manifest_from_dict(manifest_data, manifest_path=out / "manifest.json")
+
+
+def _validate(
+    network: torch.nn.Module,
+    manifest: ModelManifest,
+    cases: list[tuple[Any, Any]],
+    names: dict[int, str],
+    device: str,
+) -> float:
+    predictor = Predictor.from_network(manifest, network, device=device)
+    means = []
+    for image, label in cases:
+        result = segment_volume(image, predictor)
+        scores = score_case(result.labels, label.array.astype(np.uint8), names, image.spacing)
+        means.append(mean_dice(scores))
+    return round(float(np.mean(means)), 4)

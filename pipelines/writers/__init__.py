@@ -1,0 +1,1 @@
+"""Writing results: NIfTI masks, label tables, run reports."""

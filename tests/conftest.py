@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny models with random weights, small phantoms, the shared real-data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+import torch
+
+from models.manifest import ModelManifest, file_sha256, load_manifest
+from pipelines.phantoms import STRUCTURES, make_phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    path = Path(os.environ.get("TESSERA_TEST_DATA", ROOT.parent / "shared" / "data"))
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data is absent (set TESSERA_TEST_DATA to point at it)")
+    return path
+
+
+def write_tiny_model(
+    folder: Path,
+    *,
+    name: str = "tiny",
+    spacing: list[float] | None = (4.0, 4.0, 4.0),  # type: ignore[assignment]
+    roi: int = 64,
+    seed: int = 0,
+) -> ModelManifest:
+    """A randomly initialised tiny Swin-UNETR with a manifest on the phantom labels."""
+    from models.manifest import manifest_from_dict
+    from models.networks import build_network
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {
+        "name": name,
+        "version": "0.0.1",
+        "family": "swin_unetr",
+        "channels": [{"name": "CT", "modality": "CT"}],
+        "labels": [{"value": s.value, "name": s.name} for s in STRUCTURES],
+        "network": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 2]},
+        "preprocessing": {"orientation": "RAS", "spacing": list(spacing) if spacing else None,
+                          "intensity": {"kind": "window", "a_min": -300, "a_max": 700}},
+        "inference": {"roi_size": [roi, roi, roi], "overlap": 0.25, "sw_batch_size": 2},
+        "keep_largest_component": [],
+        "weights": {"path": "model.pt", "sha256": None},
+    }
+    torch.manual_seed(seed)
+    network = build_network(manifest_from_dict(data))
+    torch.save(network.state_dict(), folder / "model.pt")
+    data["weights"]["sha256"] = file_sha256(folder / "model.pt")
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return load_manifest(folder / "manifest.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelManifest:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_native(tmp_path_factory: pytest.TempPathFactory) -> ModelManifest:
+    """No resampling: model space is the source grid, reoriented."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_native"), name="tiny-native", spacing=None)
+
+
+@pytest.fixture(scope="session")
+def small_phantom_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small coarse phantoms (image + label) as NIfTI files."""
+    folder = tmp_path_factory.mktemp("phantoms")
+    files = {}
+    for seed in (3, 4):
+        phantom = make_phantom(seed, spacing=(4.0, 4.0, 5.0))
+        nib.save(phantom.image, folder / f"case{seed}.nii.gz")
+        nib.save(phantom.label, folder / f"case{seed}_label.nii.gz")
+        files[f"case{seed}"] = folder / f"case{seed}.nii.gz"
+    return files

@@ -1,0 +1,69 @@
+"""Model space and back: the mapping must land exactly on the source grid."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from models.manifest import IntensitySpec, PreprocessingSpec
+from pipelines.phantoms import make_phantom
+from pipelines.preprocessing import prepare
+from pipelines.volume import Volume, VolumeMetadata
+
+
+def _volume(image: nib.Nifti1Image) -> Volume:
+    array = np.asarray(image.dataobj, dtype=np.float32)
+    return Volume(array, image.affine.astype(np.float64), VolumeMetadata("c", "c"))
+
+
+def _one_hot(labels: np.ndarray, classes: int) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(labels == c, dtype=torch.float32) for c in range(classes)])
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS", "ASL", "RPI", "SPL"])
+def test_orientation_matches_nibabel_canonical(orientation):
+    phantom = make_phantom(7, orientation=orientation, spacing=(4.0, 4.0, 5.0))
+    prepared = prepare(_volume(phantom.image), PreprocessingSpec(intensity=IntensitySpec(kind="none")))
+    canonical = nib.as_closest_canonical(phantom.image)
+    np.testing.assert_array_equal(prepared.image[0].numpy(), np.asarray(canonical.dataobj, dtype=np.float32))
+    np.testing.assert_allclose(prepared.mapping.model_affine, canonical.affine, atol=1e-9)
+    assert not prepared.mapping.resampled
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "ASL", "RPI"])
+def test_round_trip_without_resampling_is_exact(orientation):
+    phantom = make_phantom(8, orientation=orientation, spacing=(4.0, 4.0, 5.0))
+    labels = np.asarray(phantom.label.dataobj)
+    prepared = prepare(_volume(phantom.label), PreprocessingSpec(intensity=IntensitySpec(kind="none")))
+    model_labels = prepared.image[0].numpy().astype(np.uint8)
+    back = prepared.mapping.to_source(_one_hot(model_labels, 6)).argmax(0).numpy()
+    assert back.shape == labels.shape
+    np.testing.assert_array_equal(back, labels)
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "ASL"])
+def test_round_trip_with_resampling_lands_on_the_source_grid(orientation):
+    phantom = make_phantom(9, orientation=orientation, spacing=(2.0, 2.0, 3.5))
+    labels = np.asarray(phantom.label.dataobj)
+    spec = PreprocessingSpec(spacing=(2.5, 2.5, 2.5), intensity=IntensitySpec(kind="none"))
+    prepared = prepare(_volume(phantom.label), spec)
+    assert prepared.mapping.resampled
+    # Probabilities in model space: the resampled one-hot (what a perfect model would output).
+    model_onehot = prepare(
+        Volume(_one_hot(labels, 6).numpy(), phantom.label.affine, VolumeMetadata("c", "c")), spec
+    ).image
+    back = prepared.mapping.to_source(model_onehot).argmax(0).numpy()
+    assert back.shape == labels.shape
+    for value in range(1, 6):
+        a, b = back == value, labels == value
+        dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+        assert dice > 0.97, (value, dice)
+
+
+def test_window_intensity():
+    volume = Volume(np.array([[[-1000.0, 200.0], [700.0, 2000.0]]] * 2, np.float32), np.eye(4),
+                    VolumeMetadata("c", "c"))
+    spec = PreprocessingSpec(intensity=IntensitySpec(kind="window", a_min=-300, a_max=700))
+    values = prepare(volume, spec).image.numpy().ravel()
+    assert values.min() == 0.0 and values.max() == 1.0
+    assert np.isclose(values[1], 0.5)
