@@ -47,6 +47,13 @@ class Predictor:
         self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
 
     @classmethod
+    def default_cpu(cls) -> Predictor:
+        """The shipped default model on the CPU (demos and tests)."""
+        from models.registry import resolve_model
+
+        return cls(resolve_model(None), device="cpu")
+
+    @classmethod
     def from_network(cls, manifest: ModelManifest, network: torch.nn.Module, device: str = "cpu") -> Predictor:
         """Wrap a network already in memory (training validation) without touching the weights file."""
         self = cls.__new__(cls)

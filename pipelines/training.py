@@ -34,7 +34,9 @@ from monai.transforms import (
 from monai.utils import set_determinism
 
 from models.manifest import ModelManifest, file_sha256, manifest_from_dict
+from models.checkpoints import load_into, read_state_dict
 from models.networks import build_network
+from models.swin_unetr import check_roi
 from pipelines.errors import InputError
 from pipelines.evaluation import mean_dice, score_case
 from pipelines.inference import Predictor, resolve_device
@@ -67,6 +69,7 @@ class TrainingConfig:
     )
     roi_size: tuple[int, int, int] = (64, 64, 64)
     version: str = "1.0.0"
+    init_weights: str | None = None  # start from these weights (fine-tuning, or continuing a run)
 
 
 @dataclass(frozen=True)
@@ -153,11 +156,16 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     manifest_data = _manifest_for(config, dataset, colors or {})
     manifest = manifest_from_dict(manifest_data, manifest_path=out / "manifest.json")
+    if config.family == "swin_unetr":
+        check_roi(config.crop_size, what="training crop")
     n_val = min(config.validation_cases, max(len(dataset.training) - 1, 0))
     train_cases = dataset.training[: len(dataset.training) - n_val]
     val_cases = dataset.training[len(dataset.training) - n_val :]
     device = resolve_device(config.device)
-    network = build_network(manifest).to(device)
+    network = build_network(manifest)
+    if config.init_weights:
+        load_into(network, read_state_dict(Path(config.init_weights)), config.name)
+    network = network.to(device)
     loader = _loader(manifest, train_cases, config)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)

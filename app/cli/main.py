@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--validation-cases", type=int, default=2)
     trn.add_argument("--window", type=_triple, default=None, help="HU window low,high (default -300,700)")
     trn.add_argument("--seed", type=int, default=0)
+    trn.add_argument("--init", default=None, help="start from this checkpoint (same network settings)")
     trn.add_argument("--device", default="auto")
     trn.set_defaults(handler=commands.train)
 
@@ -115,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("tessera").error("interrupted")
         return 130
+    except Exception as exc:  # a bug: one line on the terminal, the traceback only with --verbose
+        logging.getLogger("tessera").debug("internal error", exc_info=True)
+        logging.getLogger("tessera").error("INTERNAL_ERROR: %s: %s (run with -v for details)", type(exc).__name__, exc)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

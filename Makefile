@@ -1,0 +1,40 @@
+# One entry point for set-up, the demo, the tests and the benchmarks.
+#   make demo   set up, segment the sample test cases with the default model, score them
+#   make test   set up, lint, run the test suite
+# Works offline on a CPU machine that has the torch 2.13.0 wheel in pip's find-links, and on a CUDA
+# node (pip then takes the CUDA build of the same torch from the registry). Add the CuPy kernels on a
+# GPU node with: make setup EXTRAS=service,dicom,dev,gpu
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+EXTRAS ?= service,dicom,dev
+BIN := $(VENV)/bin
+DEMO_OUT ?= out/demo
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(BIN)/tessera models
+	$(BIN)/tessera segment sample_data/imagesTs -o $(DEMO_OUT)
+	$(BIN)/tessera evaluate --pred $(DEMO_OUT) --truth sample_data/labelsTs --labels sample_data/dataset.json
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(BIN)/python bench/pipeline_stages.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache
