@@ -29,6 +29,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy app models pipelines
 
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -91,4 +91,6 @@ class Predictor:
         self.network.train(was_training)
         if isinstance(logits, MetaTensor):
             logits = logits.as_tensor()
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"the network returned {type(logits).__name__}, a tensor of logits was expected")
         return torch.softmax(logits.float(), dim=1)[0].cpu()

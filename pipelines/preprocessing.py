@@ -37,7 +37,6 @@ class GridMapping:
 
     source_shape: tuple[int, int, int]
     source_affine: np.ndarray
-    to_oriented: np.ndarray  # nibabel ornt: source axes -> oriented axes
     oriented_shape: tuple[int, int, int]
     oriented_affine: np.ndarray
     model_shape: tuple[int, int, int]
@@ -55,7 +54,7 @@ class GridMapping:
             channels = channels.as_tensor()
         if self.resampled:
             moving = MetaTensor(channels.float(), affine=torch.as_tensor(self.model_affine, dtype=torch.float64))
-            resampler = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)
+            resampler = SpatialResample(mode="bilinear", padding_mode="border", dtype=np.float32)
             channels = resampler(
                 moving, dst_affine=torch.as_tensor(self.oriented_affine, dtype=torch.float64),
                 spatial_size=self.oriented_shape,
@@ -92,15 +91,23 @@ def prepare(volume: Volume, spec: PreprocessingSpec) -> PreparedInput:
     mapping = GridMapping(
         source_shape=volume.spatial_shape,
         source_affine=np.asarray(volume.affine, dtype=np.float64),
-        to_oriented=orientations.ornt_transform(
-            orientations.io_orientation(volume.affine), orientations.axcodes2ornt(tuple(spec.orientation))
-        ),
-        oriented_shape=tuple(int(s) for s in oriented.shape[1:]),  # type: ignore[arg-type]
-        oriented_affine=np.asarray(oriented.affine, dtype=np.float64),
-        model_shape=tuple(int(s) for s in model.shape[1:]),  # type: ignore[arg-type]
-        model_affine=np.asarray(model.affine, dtype=np.float64),
+        oriented_shape=_spatial_shape(oriented),
+        oriented_affine=_affine(oriented),
+        model_shape=_spatial_shape(model),
+        model_affine=_affine(model),
     )
     return PreparedInput(image=torch.as_tensor(image, dtype=torch.float32).contiguous(), mapping=mapping)
+
+
+def _spatial_shape(image: torch.Tensor) -> tuple[int, int, int]:
+    _, i, j, k = image.shape
+    return (int(i), int(j), int(k))
+
+
+def _affine(image: torch.Tensor) -> np.ndarray:
+    if not isinstance(image, MetaTensor):
+        raise TypeError("MONAI spatial transforms should return a MetaTensor carrying its affine")
+    return np.asarray(image.affine, dtype=np.float64)
 
 
 def training_transforms(spec: PreprocessingSpec, keys: tuple[str, str] = ("image", "label")) -> list[Any]:

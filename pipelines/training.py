@@ -33,8 +33,8 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
-from models.manifest import ModelManifest, file_sha256, manifest_from_dict
 from models.checkpoints import load_into, read_state_dict
+from models.manifest import ModelManifest, file_sha256, manifest_from_dict
 from models.networks import build_network
 from models.swin_unetr import check_roi
 from pipelines.errors import InputError

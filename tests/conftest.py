@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +16,12 @@ from models.manifest import ModelManifest, file_sha256, load_manifest
 from pipelines.phantoms import STRUCTURES, make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tessera(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The CLI in its own process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "app.cli.main", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
 
 
 def shared_data_dir() -> Path | None:

@@ -2,19 +2,11 @@
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tessera(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli.main", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+from tests.conftest import run_tessera as tessera
 
 
 @pytest.fixture()

@@ -1,9 +1,6 @@
 """`tessera train` and `tessera evaluate` on tiny data: real commands, real files."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,13 +11,7 @@ from pipelines.errors import InputError
 from pipelines.evaluation import score_case
 from pipelines.phantoms import make_phantom
 from pipelines.training import read_msd_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tessera(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli.main", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=900)
+from tests.conftest import run_tessera as tessera
 
 
 @pytest.fixture(scope="module")
