@@ -39,6 +39,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {_strip_prefix(k): v for k, v in loaded.items()}
 
 
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: Path, half: bool = False) -> None:
+    """Save a plain state_dict; ``half`` stores floating tensors as float16 (about half the size).
+
+    Loading casts them back to the network's dtype, so a half checkpoint runs in float32 as before.
+    """
+    tensors = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()) for k, v in state_dict.items()}
+    torch.save(tensors, path)
+
+
 def _strip_prefix(key: str) -> str:
     while key.startswith("module."):
         key = key[len("module.") :]

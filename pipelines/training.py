@@ -33,7 +33,7 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
-from models.checkpoints import load_into, read_state_dict
+from models.checkpoints import load_into, read_state_dict, save_state_dict
 from models.manifest import ModelManifest, file_sha256, manifest_from_dict
 from models.networks import build_network
 from models.swin_unetr import check_roi
@@ -70,6 +70,7 @@ class TrainingConfig:
     roi_size: tuple[int, int, int] = (64, 64, 64)
     version: str = "1.0.0"
     init_weights: str | None = None  # start from these weights (fine-tuning, or continuing a run)
+    save_fp16: bool = False  # store the kept checkpoint as float16
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ def train(
                 row["val_mean_dice"] = _validate(network, manifest, validation, dataset.labels, device.type)
                 if row["val_mean_dice"] > best[0]:
                     best = (row["val_mean_dice"], iteration)
-                    torch.save(network.state_dict(), out / "model.pt")
+                    save_state_dict(network.state_dict(), out / "model.pt", half=config.save_fp16)
                 log.info("iteration %d: loss %.4f, validation mean Dice %.4f", iteration, loss, row["val_mean_dice"])
             log_rows.append(row)
             if on_progress:
@@ -202,7 +203,7 @@ def train(
             if iteration >= config.iterations:
                 break
     if not validation:
-        torch.save(network.state_dict(), out / "model.pt")
+        save_state_dict(network.state_dict(), out / "model.pt", half=config.save_fp16)
         best = (float("nan"), iteration)
     manifest_data["weights"]["sha256"] = file_sha256(out / "model.pt")
     manifest_data["training"] = {

@@ -60,7 +60,7 @@ def train(args: argparse.Namespace) -> int:
         name=args.name, iterations=args.iterations, batch_size=args.batch_size, crop_size=args.crop,
         learning_rate=args.lr, validate_every=args.validate_every, validation_cases=args.validation_cases,
         seed=args.seed, device=args.device, network=network, spacing=args.spacing, intensity=intensity,
-        roi_size=args.roi, init_weights=args.init,
+        roi_size=args.roi, init_weights=args.init, save_fp16=args.save_fp16,
     )
     # Display colours for labels the phantom generator knows by name; other datasets get viewer defaults.
     colors = {s.value: s.color for s in STRUCTURES}

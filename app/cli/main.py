@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--window", type=_triple, default=None, help="HU window low,high (default -300,700)")
     trn.add_argument("--seed", type=int, default=0)
     trn.add_argument("--init", default=None, help="start from this checkpoint (same network settings)")
+    trn.add_argument("--save-fp16", action="store_true", help="store the weights as float16 (half the size)")
     trn.add_argument("--device", default="auto")
     trn.set_defaults(handler=commands.train)
 
