@@ -76,7 +76,7 @@ def load_into(network: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], 
     own = network.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+    mismatched = sorted(k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape)
     if missing or unexpected or mismatched:
         parts = []
         if missing:

@@ -71,7 +71,7 @@ def test_wrong_class_count_is_a_clear_error(tmp_path, bundle_state_dict):
     with pytest.raises(ModelError) as info:
         Predictor(load_manifest(tmp_path / "manifest.json"), device="cpu")
     assert info.value.code == "CHECKPOINT_INCOMPATIBLE"
-    assert "out.conv.conv.weight" in info.value.message
+    assert "out.conv.conv.bias: (14,) vs (6,)" in info.value.message
 
 
 def test_v2_adds_eight_keys():
