@@ -29,7 +29,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy app models pipelines
+	$(BIN)/mypy app models pipelines bench
 
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -42,7 +42,7 @@ def monai_recipe(predictor: Predictor):
         LoadImaged(keys="image"),
         EnsureChannelFirstd(keys="image"),
         Orientationd(keys="image", axcodes=pre.orientation),
-        Spacingd(keys="image", pixdim=pre.spacing, mode="bilinear"),
+        Spacingd(keys="image", pixdim=pre.spacing or (1.0, 1.0, 1.0), mode="bilinear"),
         ScaleIntensityRanged(keys="image", a_min=window.a_min, a_max=window.a_max, b_min=window.b_min,
                              b_max=window.b_max, clip=window.clip),
     ])

@@ -21,7 +21,7 @@ import numpy as np
 from pipelines.cases import CaseInput
 from pipelines.errors import TesseraError
 from pipelines.inference import Predictor
-from pipelines.ingestion.nifti import read_nifti
+from pipelines.ingestion.reading import ReadOptions, read_case
 from pipelines.postprocessing import keep_largest_components, labels_from_probabilities
 from pipelines.preprocessing import GridMapping, prepare
 from pipelines.volume import Volume
@@ -117,6 +117,7 @@ def segment_case(
     keep_largest: bool = True,
     overwrite: bool = False,
     progress: bool = False,
+    read_options: ReadOptions | None = None,
 ) -> CaseResult:
     """Segment one input file into ``output_root/<case_id>/``; never raises for a bad case.
 
@@ -134,8 +135,11 @@ def segment_case(
     staging.mkdir(parents=True)
     try:
         with timer.stage("read"):
-            volume = read_nifti(case.path, modality=predictor.manifest.channels[0].modality)
+            case_volume = read_case(list(case.paths), predictor.manifest.channels, case.case_id, read_options)
+            report["input_provenance"] = case_volume.provenance
+            volume = case_volume.volume
         result = segment_volume(volume, predictor, keep_largest=keep_largest, progress=progress, timer=timer)
+        result.warnings[:0] = case_volume.warnings
         with timer.stage("write"):
             write_mask(result.labels, volume, staging / MASK_NAME)
             write_json(label_table(predictor.manifest), staging / LABELS_NAME)
@@ -165,7 +169,7 @@ def _report_header(case: CaseInput, predictor: Predictor, keep_largest: bool) ->
     return {
         "status": "running",
         "case": case.case_id,
-        "input": case.path.name,
+        "input": [path.name for path in case.paths],
         "versions": software_versions(),
         "model": {
             "name": manifest.name,

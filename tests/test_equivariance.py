@@ -51,7 +51,7 @@ def test_written_mask_affine_equals_input_affine(tmp_path, tiny_model):
     predictor = Predictor(tiny_model, device="cpu")
     phantom = make_phantom(12, orientation="ASL", spacing=(4.0, 4.0, 5.0))
     nib.save(phantom.image, tmp_path / "case.nii.gz")
-    result = segment_case(CaseInput("case", tmp_path / "case.nii.gz"), tmp_path / "out", predictor)
+    result = segment_case(CaseInput("case", (tmp_path / "case.nii.gz",)), tmp_path / "out", predictor)
     assert result.status == "succeeded", result.error_message
     mask = nib.load(tmp_path / "out" / "case" / "mask.nii.gz")
     assert mask.shape == phantom.image.shape

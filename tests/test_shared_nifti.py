@@ -20,7 +20,7 @@ SPLEEN_CT = Path("ivadomed_data_testing/ct_scan/sub-spleen2/ct/sub-spleen2_ct.ni
 
 
 def _segment_to(tmp_path: Path, source: Path, predictor: Predictor) -> nib.Nifti1Image:
-    result = segment_case(CaseInput("case", source), tmp_path, predictor)
+    result = segment_case(CaseInput("case", (source,)), tmp_path, predictor)
     assert result.status == "succeeded", result.error_message
     return nib.load(tmp_path / "case" / "mask.nii.gz")
 

@@ -80,11 +80,14 @@ def segment(args: argparse.Namespace) -> int:
     from models.registry import resolve_model
     from pipelines.cases import discover_cases
     from pipelines.inference import Predictor
+    from pipelines.ingestion.reading import ReadOptions
     from pipelines.segment import segment_case
 
-    cases = discover_cases(args.inputs)
+    manifest = resolve_model(args.model)
+    cases = discover_cases(args.inputs, channels=len(manifest.channels))
+    read_options = ReadOptions(series=args.series, tilt=args.tilt, min_slices=args.min_slices)
     if not cases:
-        log.error("no NIfTI cases found in %s", ", ".join(args.inputs))
+        log.error("no cases (NIfTI files, DICOM folders or zips) found in %s", ", ".join(args.inputs))
         return 2
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -96,7 +99,6 @@ def segment(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, _TqdmHandler) and not args.verbose:
             handler.setLevel(logging.INFO)
-    manifest = resolve_model(args.model)
     predictor = Predictor(manifest, device=args.device, amp=args.amp)
     log.info("model %s %s on %s; %d case(s) -> %s", manifest.name, manifest.version, predictor.device,
              len(cases), output)
@@ -106,7 +108,7 @@ def segment(args: argparse.Namespace) -> int:
         for case in bar:
             bar.set_postfix_str(case.case_id)
             result = segment_case(case, output, predictor, keep_largest=not args.no_keep_largest,
-                                  overwrite=args.overwrite, progress=show_windows)
+                                  overwrite=args.overwrite, progress=show_windows, read_options=read_options)
             counts[result.status] += 1
             if result.status == "failed":
                 log.error("FAILED %s: %s: %s", case.case_id, result.error_code, result.error_message)
@@ -167,3 +169,19 @@ def sample_data(args: argparse.Namespace) -> int:
     root = write_dataset(args.output, n_train=args.train, n_test=args.test, first_seed=args.first_seed)
     log.info("wrote %d training and %d test phantoms to %s", args.train, args.test, root)
     return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from pipelines.ingestion.dicom.conversion import convert_study
+
+    outcome = convert_study(Path(args.input), Path(args.output), all_series=args.all_series, series=args.series,
+                            modality=args.modality, tilt=args.tilt, min_slices=args.min_slices)
+    for item in outcome.written:
+        log.info("wrote %s (%s)", item["file"], item["reason"])
+    for item in outcome.refused:
+        log.error("REFUSED %s: %s: %s", item["series"], ",".join(item["codes"]), item["message"])
+    for item in outcome.set_aside:
+        log.info("set aside series %s: %s", item["series_number"], item["reason"])
+    log.info("%d volume(s) written, %d refused, %d set aside -> %s", len(outcome.written), len(outcome.refused),
+             len(outcome.set_aside), args.output)
+    return 1 if outcome.selected_refused else 0

@@ -12,7 +12,7 @@ from pipelines.errors import TesseraError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Errors in what the user typed rather than in the data: exit code 2 like argparse's own.
-USAGE_CODES = {"MODEL_NOT_FOUND", "MANIFEST_NOT_FOUND", "INPUT_NOT_FOUND", "DUPLICATE_CASE"}
+USAGE_CODES = {"MODEL_NOT_FOUND", "MANIFEST_NOT_FOUND", "INPUT_NOT_FOUND", "DUPLICATE_CASE", "CHANNELS_INCOMPLETE"}
 
 
 def _triple(text: str) -> tuple[float, float, float]:
@@ -36,6 +36,14 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
+def _add_dicom_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("DICOM input")
+    group.add_argument("--series", default=None, help="use this SeriesInstanceUID or SeriesNumber")
+    group.add_argument("--tilt", choices=("refuse", "resample"), default="refuse",
+                       help="gantry-tilted series: refuse (default) or resample onto a regular grid")
+    group.add_argument("--min-slices", type=int, default=3, help="fewest slices that make a volume (default 3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="3D medical image segmentation")
     parser.add_argument("--version", action="version", version=f"tessera {commands.tool_version()}")
@@ -50,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="redo cases that already succeeded")
     seg.add_argument("--no-keep-largest", action="store_true", help="skip keep-largest-component")
     seg.add_argument("--amp", action="store_true", help="mixed precision forward on CUDA")
+    _add_dicom_options(seg)
     seg.set_defaults(handler=commands.segment)
+
+    cnv = sub.add_parser("convert", help="DICOM study/zip/file to NIfTI volumes with JSON sidecars")
+    cnv.add_argument("input", help="a DICOM folder (searched recursively), a zip, or one (multi-frame) file")
+    cnv.add_argument("-o", "--output", required=True, help="output folder")
+    cnv.add_argument("--all-series", action="store_true", help="every usable volume, not only the selected one")
+    cnv.add_argument("--modality", default=None, help="prefer this modality when selecting (e.g. CT)")
+    _add_dicom_options(cnv)
+    cnv.set_defaults(handler=commands.convert)
 
     mdl = sub.add_parser("models", help="list, show or register models")
     mdl_sub = mdl.add_subparsers(dest="models_command")

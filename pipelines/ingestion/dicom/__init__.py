@@ -1,0 +1,12 @@
+"""DICOM ingestion: study folders, zips and multi-frame files to volumes, refusing what is not right.
+
+Conventions: volumes come out indexed ``[column, row, slice]`` (as dcm2niix and dicom2nifti store them)
+with a RAS+ affine (DICOM's LPS patient coordinates with x and y negated). Voxel values are the DICOM
+"modality" values: stored values x RescaleSlope + RescaleIntercept (per frame where given). Philips'
+private floating-point scaling (2005,100E) is *not* applied; it is recorded in the sidecar.
+"""
+
+from pipelines.ingestion.dicom.reader import DicomStudy, read_study
+from pipelines.ingestion.dicom.selection import SeriesSelection, select_series
+
+__all__ = ["DicomStudy", "SeriesSelection", "read_study", "select_series"]

@@ -1,0 +1,235 @@
+"""One ``DicomSlice`` per 2-D image: a single-frame file, or one frame of a multi-frame file.
+
+Enhanced multi-frame objects carry geometry and scaling per frame in functional groups; turning each
+frame into the same record as a classic slice lets one grouping and geometry code path serve both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from pipelines.ingestion.dicom.sources import DicomFile
+
+# SOP classes that hold images we can stack into volumes.
+NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "KO", "PR", "REG", "RWV", "DOC"}
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@dataclass
+class DicomSlice:
+    source: DicomFile
+    frame: int | None
+    header: Dataset
+    series_uid: str
+    series_number: int | None
+    series_description: str
+    modality: str
+    manufacturer: str
+    sop_class_uid: str
+    transfer_syntax: str
+    image_type: tuple[str, ...]
+    rows: int
+    columns: int
+    samples_per_pixel: int
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    instance_number: int | None
+    echo: str
+    acquisition_number: str
+    temporal_position: str
+    trigger_time: str
+    acquisition_time: str
+    stack_id: str
+    rescale_slope: float
+    rescale_intercept: float
+    tile_origin: tuple[int, int] | None = None  # (row, column) of this slice's tile in a Siemens mosaic
+
+    @property
+    def normal(self) -> np.ndarray:
+        assert self.orientation is not None
+        return np.cross(self.orientation[:3], self.orientation[3:])
+
+    @property
+    def is_localizer(self) -> bool:
+        return "LOCALIZER" in self.image_type or "SCOUT" in self.image_type
+
+    @property
+    def is_derived_capture(self) -> bool:
+        return self.sop_class_uid.startswith(SECONDARY_CAPTURE_PREFIX) or (
+            "DERIVED" in self.image_type and "SECONDARY" in self.image_type and "SCREEN SAVE" in self.image_type
+        )
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _float(value: Any, default: float | None = None) -> float | None:
+    try:
+        return float(value) if value is not None and value != "" else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _vector(value: Any, size: int) -> np.ndarray | None:
+    try:
+        array = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return array if array.shape == (size,) and np.all(np.isfinite(array)) else None
+
+
+def _group_value(frame_groups: Dataset | None, shared: Dataset | None, sequence: str, keyword: str) -> Any:
+    """A value from a functional group: the frame's own first, then the shared one."""
+    for groups in (frame_groups, shared):
+        if groups is not None and sequence in groups and len(groups[sequence].value):
+            item = groups[sequence].value[0]
+            if keyword in item:
+                return item[keyword].value
+    return None
+
+
+def _common(ds: Dataset, source: DicomFile) -> dict[str, Any]:
+    transfer = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return {
+        "source": source,
+        "header": ds,
+        "series_uid": str(ds.get("SeriesInstanceUID", "")),
+        "series_number": int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
+        "series_description": str(ds.get("SeriesDescription", "")),
+        "modality": str(ds.get("Modality", "")),
+        "manufacturer": str(ds.get("Manufacturer", "")),
+        "sop_class_uid": str(ds.get("SOPClassUID", "")),
+        "transfer_syntax": str(transfer) if transfer else "",
+        "rows": int(ds.get("Rows", 0) or 0),
+        "columns": int(ds.get("Columns", 0) or 0),
+        "samples_per_pixel": int(ds.get("SamplesPerPixel", 1) or 1),
+        "instance_number": int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
+    }
+
+
+def slices_from_header(ds: Dataset, source: DicomFile) -> Iterator[DicomSlice]:
+    """The 2-D images of one file, as slices (one per frame for a multi-frame file)."""
+    common = _common(ds, source)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if frames > 1 and per_frame is not None:
+        yield from _enhanced_frames(ds, common, frames)
+        return
+    base = {
+        **common,
+        "image_type": tuple(_text(ds.get("ImageType")).upper().split("\\")) if ds.get("ImageType") else (),
+        "position": _vector(ds.get("ImagePositionPatient"), 3),
+        "orientation": _vector(ds.get("ImageOrientationPatient"), 6),
+        "pixel_spacing": _spacing(ds.get("PixelSpacing")),
+        "slice_thickness": _float(ds.get("SliceThickness")),
+        "echo": _text(ds.get("EchoNumbers")),
+        "acquisition_number": _text(ds.get("AcquisitionNumber")),
+        "temporal_position": _text(ds.get("TemporalPositionIdentifier")),
+        "trigger_time": _text(ds.get("TriggerTime")),
+        "acquisition_time": _text(ds.get("AcquisitionTime")),
+        "stack_id": "",
+        "rescale_slope": _float(ds.get("RescaleSlope"), 1.0) or 1.0,
+        "rescale_intercept": _float(ds.get("RescaleIntercept"), 0.0) or 0.0,
+    }
+    if frames == 1 and "MOSAIC" in base["image_type"]:
+        yield from _mosaic_tiles(ds, base)
+        return
+    if frames == 1:
+        yield DicomSlice(frame=None, **base)
+        return
+    # Legacy multi-frame (no functional groups): frames stacked along the normal from the first position.
+    step = _float(ds.get("SpacingBetweenSlices")) or _float(ds.get("SliceThickness"))
+    for index in range(frames):
+        position = base["position"]
+        if position is not None and base["orientation"] is not None and step:
+            normal = np.cross(base["orientation"][:3], base["orientation"][3:])
+            position = position + index * step * normal
+        elif index:
+            position = None  # geometry of later frames unknown: refused as MISSING_GEOMETRY
+        yield DicomSlice(frame=index, **{**base, "position": position})
+
+
+def _mosaic_tiles(ds: Dataset, base: dict[str, Any]) -> Iterator[DicomSlice]:
+    """A Siemens mosaic: one slice per tile. The tile count and slice normal come from the CSA header;
+    the stored position is the mosaic's corner, shifted here to the first tile's corner."""
+    import warnings
+
+    from nibabel.nicom import csareader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            csa = csareader.get_csa_header(ds, "image")
+            count = int(csareader.get_n_mosaic(csa))
+            normal = np.asarray(csareader.get_slice_normal(csa), dtype=np.float64)
+        except Exception:  # CSA missing or unreadable: the geometry check reports the missing pieces
+            count, normal = 0, None
+    tiles_per_side = int(np.ceil(np.sqrt(count))) if count else 0
+    if not tiles_per_side or normal is None or base["position"] is None or base["orientation"] is None or base["pixel_spacing"] is None:
+        yield DicomSlice(frame=None, **{**base, "position": None})
+        return
+    rows, columns = base["rows"] // tiles_per_side, base["columns"] // tiles_per_side
+    row_spacing, column_spacing = base["pixel_spacing"]
+    shift_rows, shift_columns = (base["rows"] - rows) / 2, (base["columns"] - columns) / 2
+    orientation = base["orientation"]
+    first = (base["position"] + orientation[3:] * row_spacing * shift_rows
+             + orientation[:3] * column_spacing * shift_columns)
+    step = _float(ds.get("SpacingBetweenSlices")) or _float(ds.get("SliceThickness")) or 0.0
+    for tile in range(count):
+        origin = ((tile // tiles_per_side) * rows, (tile % tiles_per_side) * columns)
+        yield DicomSlice(frame=None, **{**base, "rows": rows, "columns": columns, "tile_origin": origin,
+                                        "position": first + tile * step * normal})
+
+
+def _enhanced_frames(ds: Dataset, common: dict[str, Any], frames: int) -> Iterator[DicomSlice]:
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    image_type = tuple(_text(ds.get("ImageType")).upper().split("\\")) if ds.get("ImageType") else ()
+    for index in range(min(frames, len(per_frame))):
+        groups = per_frame[index]
+
+        def value(sequence: str, keyword: str, groups: Dataset = groups) -> Any:
+            return _group_value(groups, shared, sequence, keyword)
+
+        frame_type = value("MRImageFrameTypeSequence", "FrameType") or value("CTImageFrameTypeSequence", "FrameType")
+        echo_time = value("MREchoSequence", "EffectiveEchoTime")
+        yield DicomSlice(
+            frame=index,
+            **common,
+            image_type=tuple(_text(frame_type).upper().split("\\")) if frame_type else image_type,
+            position=_vector(value("PlanePositionSequence", "ImagePositionPatient"), 3),
+            orientation=_vector(value("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+            pixel_spacing=_spacing(value("PixelMeasuresSequence", "PixelSpacing")),
+            slice_thickness=_float(value("PixelMeasuresSequence", "SliceThickness")),
+            echo=_text(echo_time),
+            acquisition_number="",
+            temporal_position=_text(value("FrameContentSequence", "TemporalPositionIndex")),
+            trigger_time=_text(value("CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime")),
+            acquisition_time=_text(value("FrameContentSequence", "FrameAcquisitionDateTime")),
+            stack_id=_text(value("FrameContentSequence", "StackID")),
+            rescale_slope=_float(value("PixelValueTransformationSequence", "RescaleSlope"),
+                                 _float(ds.get("RescaleSlope"), 1.0)) or 1.0,
+            rescale_intercept=_float(value("PixelValueTransformationSequence", "RescaleIntercept"),
+                                     _float(ds.get("RescaleIntercept"), 0.0)) or 0.0,
+        )
+
+
+def _spacing(value: Any) -> tuple[float, float] | None:
+    vector = _vector(value, 2) if value is not None else None
+    if vector is None or np.any(vector <= 0):
+        return None
+    return (float(vector[0]), float(vector[1]))

@@ -1,0 +1,112 @@
+"""Finding DICOM files: folders (recursive), zips, ``.dcm.gz``, single files; non-DICOM skipped."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from pipelines.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MAX_ZIP_MEMBERS = 20_000
+MAX_ZIP_BYTES = 8 * 1024**3
+_SKIP_NAMES = {"DICOMDIR"}
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """Where one DICOM file's bytes come from: a path, or a member of a zip, possibly gzipped."""
+
+    name: str
+    path: Path
+    member: str | None = None
+    gzipped: bool = False
+
+    def open(self) -> io.BufferedIOBase | io.BytesIO:
+        if self.member is None and not self.gzipped:
+            return self.path.open("rb")
+        if self.member is not None:
+            with zipfile.ZipFile(self.path) as archive:
+                data = archive.read(self.member)
+        else:
+            data = self.path.read_bytes()
+        return io.BytesIO(gzip.decompress(data) if self.gzipped else data)
+
+
+_DICOM_SUFFIXES = (".dcm", ".ima", ".dcm.gz", ".dicom")
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """A DICOM file by name (.dcm, .ima, .dcm.gz) or by its 'DICM' preamble marker (also inside .gz)."""
+    if path.name.lower().endswith(_DICOM_SUFFIXES):
+        return True
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as handle:
+                head = handle.read(132)
+        else:
+            with path.open("rb") as handle:
+                head = handle.read(132)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return False
+    return head[128:132] == b"DICM"
+
+
+def iter_sources(root: Path) -> Iterator[DicomFile]:
+    """Every candidate file under ``root`` (a folder, a zip or one file), in a stable order."""
+    if root.is_dir():
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            if path.name.startswith(".") or path.name in _SKIP_NAMES:
+                continue
+            if zipfile.is_zipfile(path) and path.suffix.lower() == ".zip":
+                yield from _zip_members(path)
+            else:
+                yield DicomFile(str(path.relative_to(root)), path, gzipped=path.name.lower().endswith(".gz"))
+    elif root.suffix.lower() == ".zip" or zipfile.is_zipfile(root):
+        yield from _zip_members(root)
+    else:
+        yield DicomFile(root.name, root, gzipped=root.name.lower().endswith(".gz"))
+
+
+def _zip_members(path: Path) -> Iterator[DicomFile]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+    except zipfile.BadZipFile as exc:
+        raise InputError("ZIP_UNREADABLE", f"{path.name}: not a readable zip archive ({exc})") from exc
+    if len(members) > MAX_ZIP_MEMBERS:
+        raise InputError("ZIP_TOO_MANY_FILES", f"{path.name}: {len(members)} files, at most {MAX_ZIP_MEMBERS} allowed")
+    if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
+        raise InputError("ZIP_TOO_LARGE", f"{path.name}: uncompressed size over {MAX_ZIP_BYTES // 1024**3} GiB")
+    for member in sorted(members, key=lambda m: m.filename):
+        name = member.filename
+        if name.startswith(("/", "\\")) or ".." in Path(name).parts:
+            raise InputError("ZIP_UNSAFE_PATH", f"{path.name}: member '{name}' points outside the archive")
+        if Path(name).name.startswith(".") or Path(name).name in _SKIP_NAMES or name.startswith("__MACOSX"):
+            continue
+        yield DicomFile(f"{path.name}:{name}", path, member=name, gzipped=name.lower().endswith(".gz"))
+
+
+def read_header(source: DicomFile) -> pydicom.Dataset | None:
+    """The header (no pixel data) of a DICOM file, or ``None`` for a file that is not DICOM."""
+    try:
+        with source.open() as handle:
+            return pydicom.dcmread(handle, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("skipping %s: not a readable DICOM file (%s)", source.name, type(exc).__name__)
+        return None
+
+
+def read_dataset(source: DicomFile) -> pydicom.Dataset:
+    """The whole dataset, pixel data included."""
+    with source.open() as handle:
+        return pydicom.dcmread(handle)
