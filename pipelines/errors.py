@@ -20,6 +20,10 @@ class TesseraError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple:
+        # Survive pickling (worker processes, distributed executors): rebuild from code and message.
+        return (type(self), (self.code, self.message))
+
 
 class InputError(TesseraError):
     """The input (file, folder, series) cannot be used as given."""

@@ -27,7 +27,8 @@ class Volume:
     """A 3-D (or channel-first 4-D) image with its voxel-to-RAS+ affine (millimetres).
 
     ``array`` is indexed ``[i, j, k]`` (or ``[c, i, j, k]``) exactly as ``affine`` maps voxel
-    indices to world coordinates; the affine is in NIfTI's RAS+ convention.
+    indices to world coordinates; the affine is in NIfTI's RAS+ convention. Values are float32, or int16
+    where every value is an exact integer that fits (CT from DICOM), as other readers return them.
     """
 
     array: np.ndarray

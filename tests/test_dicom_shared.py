@@ -178,7 +178,7 @@ def test_convert_cli_writes_sidecars_without_patient_identifiers(shared_data, tm
     text = json.dumps(sidecar) + run.stderr
     header = read_study(shared_data / "totalsegmentator/tests/reference_files/example_ct_dicom").volumes[0].slices[0]
     for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
-        value = str(header.header.get(keyword, "") or "")
+        value = str(header.dataset().get(keyword, "") or "")
         if len(value) > 2:
             assert value not in text, keyword
 

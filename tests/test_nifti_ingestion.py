@@ -84,3 +84,15 @@ def test_non_finite_voxels_are_replaced(tmp_path):
     volume = read_nifti(_save(tmp_path, data))
     assert np.isfinite(volume.array).all()
     assert volume.array[0, 0, 0] == -5
+
+
+def test_coded_errors_survive_pickling():
+    """Worker processes and distributed executors send errors back pickled: code and message must survive."""
+    import pickle
+
+    from pipelines.ingestion.dicom.geometry import GeometryError
+
+    error = pickle.loads(pickle.dumps(InputError("NIFTI_UNREADABLE", "x.nii: broken")))
+    assert (type(error), error.code, error.message) == (InputError, "NIFTI_UNREADABLE", "x.nii: broken")
+    geometry = pickle.loads(pickle.dumps(GeometryError([("MISSING_SLICES", "gap"), ("GANTRY_TILT", "tilt")])))
+    assert geometry.codes == ["MISSING_SLICES", "GANTRY_TILT"] and geometry.code == "MISSING_SLICES"

@@ -86,7 +86,7 @@ def read_case(
     reference.metadata.case_id = case_id
     if len(parts) == 1:
         return CaseVolume(reference, {"channels": [parts[0].provenance]}, parts[0].warnings)
-    arrays = [reference.array] + [_onto(p.volume, reference) for p in parts[1:]]
+    arrays = [reference.array.astype(np.float32)] + [_onto(p.volume, reference) for p in parts[1:]]
     metadata = VolumeMetadata(case_id=case_id, source=reference.metadata.source,
                               modality="+".join(c.modality for c in channels),
                               source_format=reference.metadata.source_format, extra=reference.metadata.extra)
@@ -98,8 +98,8 @@ def read_case(
 def _onto(moving: Volume, reference: Volume) -> np.ndarray:
     """``moving`` resampled onto ``reference``'s grid (world coordinates, trilinear, edge values outside)."""
     if moving.spatial_shape == reference.spatial_shape and np.allclose(moving.affine, reference.affine, atol=1e-4):
-        return moving.array
-    image = MetaTensor(torch.from_numpy(np.ascontiguousarray(moving.array))[None],
+        return moving.array.astype(np.float32)
+    image = MetaTensor(torch.from_numpy(np.ascontiguousarray(moving.array, dtype=np.float32))[None],
                        affine=torch.as_tensor(moving.affine))
     resampled = SpatialResample(mode="bilinear", padding_mode="border", dtype=np.float32)(
         image, dst_affine=torch.as_tensor(reference.affine), spatial_size=reference.spatial_shape)

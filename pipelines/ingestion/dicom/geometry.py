@@ -48,6 +48,10 @@ class GeometryError(InputError):
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         super().__init__(problems[0][0], "; ".join(message for _, message in problems))
         self.codes = [code for code, _ in problems]
+        self.problems = problems
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.problems,))
 
 
 def projections(slices: list[DicomSlice]) -> np.ndarray:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from pipelines.ingestion.dicom.geometry import TILT_TOLERANCE_DEGREES
 from pipelines.ingestion.dicom.pixels import decode_volume
 from pipelines.ingestion.dicom.series import SetAside, VolumeCandidate, build_candidates
 from pipelines.ingestion.dicom.slices import DicomSlice, slices_from_header
-from pipelines.ingestion.dicom.sources import iter_sources, looks_like_dicom, read_header
+from pipelines.ingestion.dicom.sources import DicomFile, iter_sources, looks_like_dicom, read_header
 from pipelines.ingestion.suv import suv_inputs_from_dataset, suvbw_factors
 from pipelines.volume import Volume, VolumeMetadata
 
@@ -60,12 +63,11 @@ def read_study(path: str | Path, *, tilt: str = "refuse", min_slices: int = 3) -
         raise InputError("INPUT_NOT_FOUND", f"{root.name}: no such file or folder")
     slices: list[DicomSlice] = []
     skipped: list[str] = []
-    for source in iter_sources(root):
-        header = read_header(source)
-        if header is None:
-            skipped.append(source.name)
-            continue
-        slices.extend(slices_from_header(header, source))
+    for name, found in _read_slices(list(iter_sources(root))):
+        if found is None:
+            skipped.append(name)
+        else:
+            slices.extend(found)
     if not slices:
         raise InputError("NO_DICOM_IMAGES", f"{root.name}: no readable DICOM images found"
                          + (f" ({len(skipped)} other files skipped)" if skipped else ""))
@@ -73,6 +75,32 @@ def read_study(path: str | Path, *, tilt: str = "refuse", min_slices: int = 3) -
     if skipped:
         log.warning("%s: skipped %d file(s) that are not DICOM", root.name, len(skipped))
     return DicomStudy(root, candidates, set_aside, skipped)
+
+
+PARALLEL_HEADERS_MIN_FILES = 64
+
+
+def _slices_of(source: DicomFile, light: bool = False) -> tuple[str, list[DicomSlice] | None]:
+    read = read_header(source)
+    if read is None:
+        return source.name, None
+    found = list(slices_from_header(read[0], source, read[1]))
+    return source.name, [s.light() for s in found] if light else found
+
+
+def _slices_of_light(source: DicomFile) -> tuple[str, list[DicomSlice] | None]:
+    return _slices_of(source, light=True)
+
+
+def _read_slices(sources: list[DicomFile]) -> list[tuple[str, list[DicomSlice] | None]]:
+    """Headers to slices; a large study is read by forked workers that send back light slices (parsing and
+    attribute access are GIL-bound, and pydicom headers are slower to unpickle than to parse)."""
+    workers = min(os.cpu_count() or 1, 8)
+    if len(sources) < PARALLEL_HEADERS_MIN_FILES or workers < 2:
+        return [_slices_of(source) for source in sources]
+    chunk = max(1, len(sources) // (workers * 4))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+        return list(pool.map(_slices_of_light, sources, chunksize=chunk))
 
 
 def load_volume(candidate: VolumeCandidate, case_id: str | None = None) -> Volume:
@@ -86,6 +114,7 @@ def load_volume(candidate: VolumeCandidate, case_id: str | None = None) -> Volum
     warnings: list[str] = []
     units = None
     if candidate.modality == "PT":
+        array = array.astype(np.float32)
         units, warning = _to_suv(array, geometry.slices)
         warnings.extend([warning] if warning else [])
     if geometry.tilt_degrees > TILT_TOLERANCE_DEGREES:
@@ -105,9 +134,9 @@ def load_volume(candidate: VolumeCandidate, case_id: str | None = None) -> Volum
 
 def _to_suv(array: np.ndarray, slices: list[DicomSlice]) -> tuple[str, str | None]:
     """PET values to SUVbw in place (g/mL), one factor per slice; left as stored units when impossible."""
-    units = str(slices[0].header.get("Units", "unknown"))
+    units = str(slices[0].dataset().get("Units", "unknown"))
     try:
-        factors = suvbw_factors([suv_inputs_from_dataset(s.header) for s in slices])
+        factors = suvbw_factors([suv_inputs_from_dataset(s.dataset()) for s in slices])
     except InputError as exc:
         return units, f"{exc.code}: PET values left in {units}, no SUV ({exc.message})"
     array *= np.asarray(factors, dtype=np.float32)[None, None, :]
@@ -143,7 +172,7 @@ def series_sidecar(candidate: VolumeCandidate, shape: tuple[int, ...], affine: n
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     import nibabel as nib
 
-    philips_scale = first.header.get((0x2005, 0x100E))
+    philips_scale = first.dataset().get((0x2005, 0x100E))
     return {
         "SeriesInstanceUID": candidate.series_uid,
         "SeriesNumber": candidate.series_number,

@@ -7,25 +7,34 @@ frame into the same record as a classic slice lets one grouping and geometry cod
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from pipelines.ingestion.dicom.sources import DicomFile
+from pipelines.ingestion.dicom.sources import DicomFile, read_header
 
 # SOP classes that hold images we can stack into volumes.
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "KO", "PR", "REG", "RWV", "DOC"}
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
+@lru_cache(maxsize=64)
+def _reread_header(source: DicomFile) -> Dataset:
+    read = read_header(source)
+    if read is None:
+        raise ValueError(f"{source.name} is no longer readable")
+    return read[0]
+
+
 @dataclass
 class DicomSlice:
     source: DicomFile
     frame: int | None
-    header: Dataset
+    header: Dataset | None  # None in a light slice (made in a worker process); see dataset()
     series_uid: str
     series_number: int | None
     series_description: str
@@ -51,6 +60,22 @@ class DicomSlice:
     rescale_slope: float
     rescale_intercept: float
     tile_origin: tuple[int, int] | None = None  # (row, column) of this slice's tile in a Siemens mosaic
+    pixel_offset: int | None = None  # byte offset of the PixelData element in a plain file
+    bits_allocated: int = 0
+    bits_stored: int = 0
+    pixel_representation: int = 0
+    frames_in_file: int = 1
+    file_rows: int = 0
+    file_columns: int = 0
+    photometric: str = ""
+
+    def dataset(self) -> Dataset:
+        """The file's header (re-read, once per file, for a light slice)."""
+        return self.header if self.header is not None else _reread_header(self.source)
+
+    def light(self) -> DicomSlice:
+        """The same slice without its pydicom header: cheap to send between processes."""
+        return replace(self, header=None)
 
     @property
     def normal(self) -> np.ndarray:
@@ -117,12 +142,19 @@ def _common(ds: Dataset, source: DicomFile) -> dict[str, Any]:
         "columns": int(ds.get("Columns", 0) or 0),
         "samples_per_pixel": int(ds.get("SamplesPerPixel", 1) or 1),
         "instance_number": int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
+        "bits_allocated": int(ds.get("BitsAllocated", 0) or 0),
+        "bits_stored": int(ds.get("BitsStored", 0) or 0),
+        "pixel_representation": int(ds.get("PixelRepresentation", 0) or 0),
+        "frames_in_file": int(ds.get("NumberOfFrames", 1) or 1),
+        "file_rows": int(ds.get("Rows", 0) or 0),
+        "file_columns": int(ds.get("Columns", 0) or 0),
+        "photometric": str(ds.get("PhotometricInterpretation", "")),
     }
 
 
-def slices_from_header(ds: Dataset, source: DicomFile) -> Iterator[DicomSlice]:
+def slices_from_header(ds: Dataset, source: DicomFile, pixel_offset: int | None = None) -> Iterator[DicomSlice]:
     """The 2-D images of one file, as slices (one per frame for a multi-frame file)."""
-    common = _common(ds, source)
+    common = {**_common(ds, source), "pixel_offset": pixel_offset}
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if frames > 1 and per_frame is not None:
@@ -178,7 +210,8 @@ def _mosaic_tiles(ds: Dataset, base: dict[str, Any]) -> Iterator[DicomSlice]:
         except Exception:  # CSA missing or unreadable: the geometry check reports the missing pieces
             count, normal = 0, None
     tiles_per_side = int(np.ceil(np.sqrt(count))) if count else 0
-    if not tiles_per_side or normal is None or base["position"] is None or base["orientation"] is None or base["pixel_spacing"] is None:
+    geometry_known = base["position"] is not None and base["orientation"] is not None and base["pixel_spacing"]
+    if not tiles_per_side or normal is None or not geometry_known:
         yield DicomSlice(frame=None, **{**base, "position": None})
         return
     rows, columns = base["rows"] // tiles_per_side, base["columns"] // tiles_per_side

@@ -96,11 +96,14 @@ def _zip_members(path: Path) -> Iterator[DicomFile]:
         yield DicomFile(f"{path.name}:{name}", path, member=name, gzipped=name.lower().endswith(".gz"))
 
 
-def read_header(source: DicomFile) -> pydicom.Dataset | None:
-    """The header (no pixel data) of a DICOM file, or ``None`` for a file that is not DICOM."""
+def read_header(source: DicomFile) -> tuple[pydicom.Dataset, int | None] | None:
+    """The header (no pixel data) of a DICOM file and, for a plain file, the byte offset of its pixel data
+    element (where a header-only read stops); ``None`` for a file that is not DICOM."""
     try:
         with source.open() as handle:
-            return pydicom.dcmread(handle, stop_before_pixels=True)
+            header = pydicom.dcmread(handle, stop_before_pixels=True)
+            offset = handle.tell() if source.member is None and not source.gzipped else None
+            return header, offset
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         log.warning("skipping %s: not a readable DICOM file (%s)", source.name, type(exc).__name__)
         return None
