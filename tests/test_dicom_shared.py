@@ -117,6 +117,7 @@ def test_dcm_qa_ct_reports_tilt_and_uneven_spacing(shared_data):
     [
         ("dcm_qa_xa30/In/5_anat-T1w_acq-tfl", "dcm_qa_xa30/Ref/5_anat-T1w_acq-tfl.nii"),
         ("dcm_qa_xa30/In/27_asl_2d_tra", "dcm_qa_xa30/Ref/27_asl_2d_tra.nii"),
+        ("dcm_qa_xa30/In/28_asl_2d_tra", "dcm_qa_xa30/Ref/28_asl_2d_tra.nii"),
         ("dcm_qa_xa30/In/9_gre_field_mapping", "dcm_qa_xa30/Ref/9_gre_field_mapping_e2_ph.nii"),
     ],
 )
@@ -135,12 +136,14 @@ def test_multi_echo_and_time_series_are_split(shared_data):
         ref = nib.load(shared_data / f"dcm_qa_xa30/Ref/8_gre_field_mapping_{name}.nii")
         volume = load_volume(candidate)
         _assert_same(volume.array, volume.affine, np.asarray(ref.dataobj), ref.affine)
-    asl = read_study(shared_data / "dcm_qa_xa30/In/25_asl_2d_tra")
-    ref = nib.load(shared_data / "dcm_qa_xa30/Ref/25_asl_2d_tra.nii")
-    assert len(asl.volumes) == ref.shape[3]
-    for t, candidate in enumerate(asl.volumes):
-        volume = load_volume(candidate)
-        _assert_same(volume.array, volume.affine, np.asarray(ref.dataobj)[..., t], ref.affine)
+    for folder, reference in (("dcm_qa_xa30/In/25_asl_2d_tra", "dcm_qa_xa30/Ref/25_asl_2d_tra.nii"),
+                              ("dcm_qa_enh/In/Siemens/XA10", "dcm_qa_enh/Ref/Siemens_REST1_w_SMS_PF7-8_6.nii")):
+        series = read_study(shared_data / folder)
+        ref = nib.load(shared_data / reference)
+        assert len(series.volumes) == ref.shape[3]
+        for t, candidate in enumerate(series.volumes):
+            volume = load_volume(candidate)
+            _assert_same(volume.array, volume.affine, np.asarray(ref.dataobj)[..., t], ref.affine)
 
 
 def test_philips_enhanced_scaling_convention(shared_data):
