@@ -199,10 +199,10 @@ def _mosaic_tiles(ds: Dataset, base: dict[str, Any]) -> Iterator[DicomSlice]:
     the stored position is the mosaic's corner, shifted here to the first tile's corner."""
     import warnings
 
-    from nibabel.nicom import csareader
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # nibabel calls its DICOM readers experimental on import
+        from nibabel.nicom import csareader
+
         try:
             csa = csareader.get_csa_header(ds, "image")
             count = int(csareader.get_n_mosaic(csa))
