@@ -3,12 +3,12 @@
 #   make test   set up, lint, run the test suite
 # Works offline on a CPU machine that has the torch 2.13.0 wheel in pip's find-links, and on a CUDA
 # node (pip then takes the CUDA build of the same torch from the registry). Add the CuPy kernels on a
-# GPU node with: make setup EXTRAS=service,dicom,dev,gpu
+# GPU node with: make setup EXTRAS=service,dev,gpu
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= service,dicom,dev
+EXTRAS ?= service,dev
 BIN := $(VENV)/bin
 DEMO_OUT ?= out/demo
 
@@ -31,7 +31,14 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy app models pipelines bench
 
-test: lint
+# pydicom-seg (a second SEG reader for the tests) is unmaintained and needs pydicom 2 / numpy 1: own venv.
+SEG_VENV := .venv-pydicom-seg
+$(SEG_VENV)/.installed:
+	$(PYTHON) -m venv $(SEG_VENV)
+	$(SEG_VENV)/bin/python -m pip install --quiet "pydicom>=2.4,<3" "numpy<2" "pydicom-seg==0.4.1" "SimpleITK>=2.3"
+	touch $@
+
+test: lint $(SEG_VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: setup

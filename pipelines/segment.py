@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 
 from pipelines.cases import CaseInput
-from pipelines.errors import TesseraError
+from pipelines.errors import TesseraError, UsageError
 from pipelines.inference import Predictor
-from pipelines.ingestion.reading import ReadOptions, read_case
+from pipelines.ingestion.reading import CaseVolume, ReadOptions, read_case
 from pipelines.postprocessing import keep_largest_components, labels_from_probabilities
 from pipelines.preprocessing import GridMapping, prepare
 from pipelines.volume import Volume
-from pipelines.writers.nifti import write_mask
+from pipelines.writers.nifti import write_mask, write_probabilities
 from pipelines.writers.report import label_table, software_versions, write_json
+from pipelines.writers.seg import OutputError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Segmentation:
     mapping: GridMapping
     timer: StageTimer
     warnings: list[str] = field(default_factory=list)
+    probabilities: np.ndarray | None = None  # (K, *grid) on the source grid, when asked for
 
 
 def segment_volume(
@@ -62,6 +64,7 @@ def segment_volume(
     keep_largest: bool = True,
     progress: bool = False,
     timer: StageTimer | None = None,
+    keep_probabilities: bool = False,
 ) -> Segmentation:
     """Segment an in-memory volume; the labels have exactly ``volume``'s shape and affine."""
     timer = timer or StageTimer()
@@ -79,7 +82,9 @@ def segment_volume(
             labels = keep_largest_components(labels, manifest.keep_largest_component)
     if labels.shape != volume.spatial_shape:  # guaranteed by construction; a failure here is a bug
         raise AssertionError(f"mask shape {labels.shape} != source shape {volume.spatial_shape}")
-    return Segmentation(labels=labels, volume=volume, mapping=prepared.mapping, timer=timer, warnings=warnings)
+    kept = on_source.numpy().astype(np.float32) if keep_probabilities else None
+    return Segmentation(labels=labels, volume=volume, mapping=prepared.mapping, timer=timer, warnings=warnings,
+                        probabilities=kept)
 
 
 # --- one case from file to folder -------------------------------------------------------------
@@ -87,6 +92,29 @@ def segment_volume(
 REPORT_NAME = "report.json"
 MASK_NAME = "mask.nii.gz"
 LABELS_NAME = "labels.json"
+FORMATS = ("nifti", "dicom-seg", "probabilities", "stats", "preview")
+DEFAULT_FORMATS = frozenset({"nifti", "stats", "preview"})
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Which outputs a case gets. ``formats=None``: nifti, stats, preview, and dicom-seg for DICOM input."""
+
+    formats: frozenset[str] | None = None
+    seg_type: str = "binary"
+    omit_empty_frames: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.formats or ()) - set(FORMATS))
+        if unknown:
+            raise UsageError("UNKNOWN_FORMAT", f"unknown output format(s) {unknown}; choose from {list(FORMATS)}")
+        if self.seg_type not in ("binary", "fractional"):
+            raise UsageError("UNKNOWN_FORMAT", f"seg_type must be binary or fractional, got {self.seg_type!r}")
+
+    def for_case(self, dicom_input: bool) -> frozenset[str]:
+        if self.formats is not None:
+            return self.formats
+        return DEFAULT_FORMATS | ({"dicom-seg"} if dicom_input else set())
 
 
 @dataclass
@@ -118,6 +146,7 @@ def segment_case(
     overwrite: bool = False,
     progress: bool = False,
     read_options: ReadOptions | None = None,
+    outputs: OutputOptions | None = None,
 ) -> CaseResult:
     """Segment one input file into ``output_root/<case_id>/``; never raises for a bad case.
 
@@ -138,12 +167,17 @@ def segment_case(
             case_volume = read_case(list(case.paths), predictor.manifest.channels, case.case_id, read_options)
             report["input_provenance"] = case_volume.provenance
             volume = case_volume.volume
-        result = segment_volume(volume, predictor, keep_largest=keep_largest, progress=progress, timer=timer)
+        formats = (outputs or OutputOptions()).for_case(case_volume.dicom_source is not None)
+        if "dicom-seg" in formats and case_volume.dicom_source is None:
+            raise OutputError("SEG_NEEDS_DICOM", "a DICOM-SEG references the source DICOM series; this case's input "
+                                                 "is NIfTI (use --format without dicom-seg, or export-seg)")
+        fractional = (outputs or OutputOptions()).seg_type == "fractional" and "dicom-seg" in formats
+        result = segment_volume(volume, predictor, keep_largest=keep_largest, progress=progress, timer=timer,
+                                keep_probabilities="probabilities" in formats or fractional)
         result.warnings[:0] = case_volume.warnings
         with timer.stage("write"):
-            write_mask(result.labels, volume, staging / MASK_NAME)
-            write_json(label_table(predictor.manifest), staging / LABELS_NAME)
-        report.update(status="succeeded", warnings=result.warnings, geometry=_geometry(result),
+            written = _write_outputs(result, case_volume, predictor, outputs or OutputOptions(), formats, staging)
+        report.update(status="succeeded", warnings=result.warnings, geometry=_geometry(result), outputs=written,
                       label_voxels=_label_voxels(result.labels, predictor.manifest.label_names()))
         error: TesseraError | None = None
     except TesseraError as exc:
@@ -162,6 +196,49 @@ def segment_case(
     if error is not None:
         return CaseResult(case.case_id, "failed", case_dir, error.code, error.message, seconds)
     return CaseResult(case.case_id, "succeeded", case_dir, seconds=seconds)
+
+
+def _write_outputs(
+    result: Segmentation,
+    case_volume: CaseVolume,
+    predictor: Predictor,
+    options: OutputOptions,
+    formats: frozenset[str],
+    folder: Path,
+) -> list[str]:
+    """Every requested output of one case into ``folder``; returns the file names written."""
+    manifest, volume = predictor.manifest, result.volume
+    write_json(label_table(manifest), folder / LABELS_NAME)
+    written = [LABELS_NAME]
+    if "nifti" in formats:
+        write_mask(result.labels, volume, folder / MASK_NAME)
+        written.append(MASK_NAME)
+    if "probabilities" in formats and result.probabilities is not None:
+        write_probabilities(result.probabilities, volume, folder / "probabilities.nii.gz")
+        written.append("probabilities.nii.gz")
+    if "stats" in formats:
+        from pipelines.writers.statistics import label_statistics, write_statistics
+
+        write_statistics(label_statistics(result.labels, volume, manifest.label_names()),
+                         folder / "stats.json", folder / "stats.csv")
+        written += ["stats.json", "stats.csv"]
+    if "preview" in formats:
+        from pipelines.writers.preview import render_preview
+
+        legend = [(lbl.value, lbl.name, lbl.color) for lbl in manifest.labels]
+        render_preview(volume, result.labels, legend, folder / "preview.png",
+                       title=f"{volume.metadata.case_id} - {manifest.name} {manifest.version}")
+        written.append("preview.png")
+    if "dicom-seg" in formats and case_volume.dicom_source is not None:
+        from pipelines.writers.seg import SegAlgorithm, write_dicom_seg
+
+        probabilities = result.probabilities if options.seg_type == "fractional" else None
+        write_dicom_seg(result.labels, case_volume.dicom_source, manifest.labels,
+                        SegAlgorithm(manifest.name, manifest.version), folder / "seg.dcm",
+                        probabilities=probabilities, omit_empty_frames=options.omit_empty_frames,
+                        software_version=software_versions()["tessera"])
+        written.append("seg.dcm")
+    return written
 
 
 def _report_header(case: CaseInput, predictor: Predictor, keep_largest: bool) -> dict[str, Any]:

@@ -81,11 +81,13 @@ def segment(args: argparse.Namespace) -> int:
     from pipelines.cases import discover_cases
     from pipelines.inference import Predictor
     from pipelines.ingestion.reading import ReadOptions
-    from pipelines.segment import segment_case
+    from pipelines.segment import OutputOptions, segment_case
 
     manifest = resolve_model(args.model)
     cases = discover_cases(args.inputs, channels=len(manifest.channels))
     read_options = ReadOptions(series=args.series, tilt=args.tilt, min_slices=args.min_slices)
+    formats = frozenset(f.strip() for f in args.format.split(",") if f.strip()) if args.format else None
+    outputs = OutputOptions(formats=formats, seg_type=args.seg_type, omit_empty_frames=not args.keep_empty_frames)
     if not cases:
         log.error("no cases (NIfTI files, DICOM folders or zips) found in %s", ", ".join(args.inputs))
         return 2
@@ -108,7 +110,8 @@ def segment(args: argparse.Namespace) -> int:
         for case in bar:
             bar.set_postfix_str(case.case_id)
             result = segment_case(case, output, predictor, keep_largest=not args.no_keep_largest,
-                                  overwrite=args.overwrite, progress=show_windows, read_options=read_options)
+                                  overwrite=args.overwrite, progress=show_windows, read_options=read_options,
+                                  outputs=outputs)
             counts[result.status] += 1
             if result.status == "failed":
                 log.error("FAILED %s: %s: %s", case.case_id, result.error_code, result.error_message)
@@ -168,6 +171,15 @@ def sample_data(args: argparse.Namespace) -> int:
 
     root = write_dataset(args.output, n_train=args.train, n_test=args.test, first_seed=args.first_seed)
     log.info("wrote %d training and %d test phantoms to %s", args.train, args.test, root)
+    return 0
+
+
+def export_seg(args: argparse.Namespace) -> int:
+    from pipelines.writers.export import export_seg as run_export
+
+    path = run_export(Path(args.mask), Path(args.source), Path(args.output),
+                      labels_path=Path(args.labels) if args.labels else None, series=args.series)
+    log.info("wrote %s (verified against the mask)", path)
     return 0
 
 

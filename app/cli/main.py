@@ -12,7 +12,8 @@ from pipelines.errors import TesseraError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Errors in what the user typed rather than in the data: exit code 2 like argparse's own.
-USAGE_CODES = {"MODEL_NOT_FOUND", "MANIFEST_NOT_FOUND", "INPUT_NOT_FOUND", "DUPLICATE_CASE", "CHANNELS_INCOMPLETE"}
+USAGE_CODES = {"MODEL_NOT_FOUND", "MANIFEST_NOT_FOUND", "INPUT_NOT_FOUND", "DUPLICATE_CASE", "CHANNELS_INCOMPLETE",
+               "UNKNOWN_FORMAT"}
 
 
 def _triple(text: str) -> tuple[float, float, float]:
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="redo cases that already succeeded")
     seg.add_argument("--no-keep-largest", action="store_true", help="skip keep-largest-component")
     seg.add_argument("--amp", action="store_true", help="mixed precision forward on CUDA")
+    seg.add_argument("--format", default=None,
+                     help="comma-separated outputs: nifti, dicom-seg, probabilities, stats, preview "
+                          "(default: nifti,stats,preview, plus dicom-seg for DICOM input)")
+    seg.add_argument("--seg-type", choices=("binary", "fractional"), default="binary",
+                     help="DICOM-SEG type: binary labels (default) or fractional probabilities")
+    seg.add_argument("--keep-empty-frames", action="store_true", help="DICOM-SEG: keep frames with no segment")
     _add_dicom_options(seg)
     seg.set_defaults(handler=commands.segment)
 
@@ -68,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     cnv.add_argument("--modality", default=None, help="prefer this modality when selecting (e.g. CT)")
     _add_dicom_options(cnv)
     cnv.set_defaults(handler=commands.convert)
+
+    exp = sub.add_parser("export-seg", help="a mask on a DICOM series' grid to a DICOM-SEG")
+    exp.add_argument("--mask", required=True, help="label map NIfTI on the source series' grid (any axis order)")
+    exp.add_argument("--source", required=True, help="the DICOM series/study the mask was made on")
+    exp.add_argument("-o", "--output", required=True, help="SEG file to write")
+    exp.add_argument("--labels", default=None, help="labels.json (Tessera) or dataset.json (MSD) with names")
+    exp.add_argument("--series", default=None, help="SeriesInstanceUID or number when the study has several")
+    exp.set_defaults(handler=commands.export_seg)
 
     mdl = sub.add_parser("models", help="list, show or register models")
     mdl_sub = mdl.add_subparsers(dest="models_command")

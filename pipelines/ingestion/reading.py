@@ -20,6 +20,7 @@ from models.manifest import Channel
 from pipelines.errors import InputError
 from pipelines.ingestion.dicom.reader import is_dicom_input, load_volume, read_study
 from pipelines.ingestion.dicom.selection import select_series
+from pipelines.ingestion.dicom.series import VolumeCandidate
 from pipelines.ingestion.nifti import is_nifti, read_nifti
 from pipelines.volume import Volume, VolumeMetadata
 
@@ -38,6 +39,7 @@ class CaseVolume:
     volume: Volume
     provenance: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    dicom_source: VolumeCandidate | None = None  # the series the reference grid came from (for DICOM-SEG)
 
 
 def _read_one(path: Path, channel: Channel, options: ReadOptions, case_id: str) -> CaseVolume:
@@ -68,7 +70,7 @@ def _read_one(path: Path, channel: Channel, options: ReadOptions, case_id: str) 
         "skipped_files": len(study.skipped_files),
         "units": volume.metadata.extra.get("Units"),
     }
-    return CaseVolume(volume, provenance, list(volume.metadata.extra.get("Warnings", [])))
+    return CaseVolume(volume, provenance, list(volume.metadata.extra.get("Warnings", [])), dicom_source=chosen)
 
 
 def read_case(
@@ -85,14 +87,15 @@ def read_case(
     reference = parts[0].volume
     reference.metadata.case_id = case_id
     if len(parts) == 1:
-        return CaseVolume(reference, {"channels": [parts[0].provenance]}, parts[0].warnings)
+        return CaseVolume(reference, {"channels": [parts[0].provenance]}, parts[0].warnings, parts[0].dicom_source)
     arrays = [reference.array.astype(np.float32)] + [_onto(p.volume, reference) for p in parts[1:]]
     metadata = VolumeMetadata(case_id=case_id, source=reference.metadata.source,
                               modality="+".join(c.modality for c in channels),
                               source_format=reference.metadata.source_format, extra=reference.metadata.extra)
     volume = Volume(np.stack(arrays), reference.affine, metadata, header=reference.header)
     warnings = [w for p in parts for w in p.warnings]
-    return CaseVolume(volume, {"channels": [p.provenance for p in parts], "reference_grid": channels[0].name}, warnings)
+    provenance = {"channels": [p.provenance for p in parts], "reference_grid": channels[0].name}
+    return CaseVolume(volume, provenance, warnings, parts[0].dicom_source)
 
 
 def _onto(moving: Volume, reference: Volume) -> np.ndarray:

@@ -46,7 +46,7 @@ def _decode_with_pydicom(source: DicomFile) -> np.ndarray:
     syntax = UID(str(dataset.file_meta.TransferSyntaxUID)) if "TransferSyntaxUID" in dataset.file_meta else None
     if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
         raise InputError("UNSUPPORTED_TRANSFER_SYNTAX", f"{source.name}: no decoder installed for transfer syntax "
-                                                        f"{syntax.name} ({syntax}); install tessera[dicom]")
+                                                        f"{syntax.name} ({syntax}); reinstall tessera's codecs")
     try:
         return np.asarray(dataset.pixel_array)
     except Exception as exc:  # decoders raise many types for damaged data

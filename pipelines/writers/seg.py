@@ -1,0 +1,233 @@
+"""DICOM-SEG with highdicom, on the frames of the source series, verified by reading it back.
+
+Frames are aligned one-to-one with the source slices (axial, sagittal, coronal or oblique alike): frame k
+is the mask's slice k of the source stack, referencing its source instance. Segment numbers are 1..N in
+label order; each carries its name, coded category/type, display colour and the algorithm that made it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom import config
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
+
+from models.manifest import Label
+from pipelines.errors import TesseraError
+from pipelines.ingestion.dicom.series import VolumeCandidate
+from pipelines.writers.codes import segment_codes
+
+log = logging.getLogger(__name__)
+
+
+class OutputError(TesseraError):
+    """An output cannot be written correctly."""
+
+
+@dataclass(frozen=True)
+class SegAlgorithm:
+    name: str
+    version: str
+
+
+_GENERATED_WHEN_MISSING = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+
+
+def _normalise_character_set(dataset: Dataset) -> None:
+    """Empty -> absent (default repertoire); a lone ISO 2022 term -> its plain form ('ISO 2022 IR 100' ->
+    'ISO_IR 100')."""
+    value = dataset.get("SpecificCharacterSet")
+    if value is None:
+        return
+    terms = [str(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value]) if str(v).strip()]
+    if not terms:
+        del dataset.SpecificCharacterSet
+    elif len(terms) == 1 and terms[0].startswith("ISO 2022 "):
+        dataset.SpecificCharacterSet = terms[0].replace("ISO 2022 ", "ISO_", 1)
+
+
+_COPIED_MODULE_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize",
+                           "PatientWeight", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                           "AccessionNumber", "StudyDescription")
+
+
+def _repair_copied_values(dataset: Dataset) -> None:
+    """Values the SEG copies from the source must be valid for their VR: repair the unambiguous (an Age
+    String '0Y' -> '000Y'), blank the rest, so a source's defect does not make the SEG invalid."""
+    for keyword in _COPIED_MODULE_KEYWORDS:
+        if keyword not in dataset or dataset[keyword].value in (None, ""):
+            continue
+        element = dataset[keyword]
+        try:
+            validate_value(element.VR, element.value, config.RAISE)
+            continue
+        except (ValueError, TypeError):
+            pass
+        text = str(element.value)
+        if element.VR == "AS" and re.fullmatch(r"\d{1,3}[DWMY]", text):
+            element.value = text[:-1].zfill(3) + text[-1]
+        else:
+            element.value = ""
+        log.warning("source %s is not a valid %s value; %s in the SEG", keyword, element.VR,
+                    "repaired" if element.value else "left empty")
+
+
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _source_datasets(candidate: VolumeCandidate) -> list[Dataset]:
+    """The source headers, repaired where anonymisation emptied identifiers a SEG must reference."""
+    assert candidate.geometry is not None
+    slices = candidate.geometry.slices
+    if any(s.frame is not None or s.tile_origin is not None for s in slices):
+        raise OutputError("SEG_SOURCE_UNSUPPORTED", "DICOM-SEG on multi-frame or mosaic sources is not supported yet")
+    datasets = [copy.copy(s.dataset()) for s in slices]
+    anchor = str(datasets[0].get("FrameOfReferenceUID", "")) or str(datasets[0].file_meta.get(
+        "MediaStorageSOPInstanceUID", "tessera"))
+    for dataset in datasets:
+        meta = getattr(dataset, "file_meta", Dataset())
+        for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                      ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+            if not dataset.get(keyword):
+                if not meta.get(meta_keyword):
+                    raise OutputError("SEG_SOURCE_INCOMPLETE", f"source images lack {keyword}; a SEG cannot "
+                                                               "reference them")
+                setattr(dataset, keyword, meta.get(meta_keyword))
+        for keyword in _GENERATED_WHEN_MISSING:
+            if not dataset.get(keyword):
+                setattr(dataset, keyword, generate_uid(entropy_srcs=[anchor, keyword]))
+        _normalise_character_set(dataset)
+        if not dataset.get("SliceThickness"):
+            dataset.SliceThickness = round(candidate.geometry.slice_spacing, 6)  # measured from the positions
+        for keyword in _TYPE2_COPIED:  # Type 2: must be present, may be empty
+            if keyword not in dataset:
+                setattr(dataset, keyword, "")
+        _repair_copied_values(dataset)
+    missing = [k for k in _GENERATED_WHEN_MISSING if not slices[0].dataset().get(k)]
+    if missing:
+        log.warning("source series lacks %s (anonymised?); the SEG got generated ones and will not be grouped with "
+                    "its source by a PACS", " and ".join(missing))
+    return datasets
+
+
+def _check_grid(candidate: VolumeCandidate, shape: tuple[int, ...]) -> None:
+    geometry = candidate.geometry
+    if geometry is None:
+        raise OutputError("SEG_SOURCE_REFUSED", f"{candidate.label} was refused; no SEG can reference it")
+    if geometry.tilt_degrees > 0.1:
+        raise OutputError("SEG_NEEDS_SOURCE_GRID", "the series was resampled for gantry tilt; a SEG must lie on "
+                                                   "the source slices")
+    if tuple(shape) != geometry.shape:
+        raise OutputError("SEG_GRID_MISMATCH",
+                          f"mask grid {tuple(shape)} differs from the source stack {geometry.shape}")
+
+
+def segment_descriptions(labels: Sequence[Label], algorithm: SegAlgorithm) -> list[hd.seg.SegmentDescription]:
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name, version=algorithm.version, family=codes.cid7162.ArtificialIntelligence
+    )
+    descriptions = []
+    for number, label in enumerate(labels, start=1):
+        category, kind = segment_codes(label.name, label.code)
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label.name[:64],
+            segmented_property_category=category,
+            segmented_property_type=kind,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identification,
+            tracking_uid=hd.UID(),
+            tracking_id=label.name[:64],
+            display_color=hd.color.CIELabColor.from_rgb(*label.color) if label.color else None,
+        ))
+    return descriptions
+
+
+def write_dicom_seg(
+    labels: np.ndarray,
+    candidate: VolumeCandidate,
+    label_table: Sequence[Label],
+    algorithm: SegAlgorithm,
+    path: Path,
+    *,
+    probabilities: np.ndarray | None = None,
+    omit_empty_frames: bool = True,
+    series_number: int = 7001,
+    software_version: str = "0",
+) -> Path:
+    """Write ``labels`` (on the source stack grid ``[column, row, slice]``) as a SEG next to the series.
+
+    ``probabilities`` (classes incl. background first, same grid) makes a FRACTIONAL SEG instead of BINARY.
+    The file is read back and compared with the mask; any difference raises ``SEG_VERIFY_FAILED``.
+    """
+    _check_grid(candidate, labels.shape)
+    sources = _source_datasets(candidate)
+    ordered = sorted(label_table, key=lambda lbl: lbl.value)
+    if probabilities is None:
+        remap = np.zeros(max(int(labels.max()), max(lbl.value for lbl in ordered)) + 1, dtype=np.uint16)
+        for number, label in enumerate(ordered, start=1):
+            remap[label.value] = number
+        frames = remap[labels].transpose(2, 1, 0)  # (slice, row, column)
+        kind, pixel_array = hd.seg.SegmentationTypeValues.BINARY, frames
+    else:
+        fractions = np.stack([probabilities[lbl.value] for lbl in ordered], axis=-1)  # (column, row, slice, N)
+        kind, pixel_array = hd.seg.SegmentationTypeValues.FRACTIONAL, fractions.transpose(2, 1, 0, 3)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=np.ascontiguousarray(pixel_array),
+        segmentation_type=kind,
+        segment_descriptions=segment_descriptions(ordered, algorithm),
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="Tessera",
+        manufacturer_model_name=algorithm.name[:64],
+        software_versions=software_version,
+        device_serial_number="0",
+        series_description=f"Tessera {algorithm.name}"[:64],
+        content_label="TESSERA",
+        content_description=f"{algorithm.name} {algorithm.version}"[:64],
+        omit_empty_frames=omit_empty_frames,
+    )
+    seg.save_as(path)
+    if probabilities is None:
+        verify_seg(path, labels, candidate, [lbl.value for lbl in ordered])
+    return path
+
+
+def read_seg_labels(path: Path, candidate: VolumeCandidate, values: Sequence[int]) -> np.ndarray:
+    """A SEG read back with highdicom as a label map on the source stack grid ``[column, row, slice]``."""
+    seg = hd.seg.segread(path)
+    assert candidate.geometry is not None
+    uids = [s.dataset().get("SOPInstanceUID") or s.dataset().file_meta.MediaStorageSOPInstanceUID
+            for s in candidate.geometry.slices]
+    stack = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, combine_segments=True, relabel=False, skip_overlap_checks=True,
+        assert_missing_frames_are_empty=True,
+    )
+    table = np.zeros(len(values) + 1, dtype=np.int32)
+    table[1:] = values
+    return table[stack].transpose(2, 1, 0)
+
+
+def verify_seg(path: Path, labels: np.ndarray, candidate: VolumeCandidate, values: Sequence[int]) -> None:
+    kept = np.where(np.isin(labels, values), labels, 0)
+    back = read_seg_labels(path, candidate, values)
+    if back.shape != kept.shape or not np.array_equal(back, kept):
+        differing = int((back != kept).sum()) if back.shape == kept.shape else -1
+        path.unlink(missing_ok=True)
+        raise OutputError("SEG_VERIFY_FAILED", f"the written SEG does not read back as the mask ({differing} voxels "
+                                               "differ); nothing was kept")
