@@ -30,8 +30,8 @@ class PhantomStructure:
 STRUCTURES: tuple[PhantomStructure, ...] = (
     PhantomStructure(1, "liver", 60.0, (221, 130, 101)),
     PhantomStructure(2, "spleen", 115.0, (157, 108, 162)),
-    PhantomStructure(3, "kidney_left", 185.0, (185, 102, 83)),
-    PhantomStructure(4, "kidney_right", 185.0, (185, 102, 83)),
+    PhantomStructure(3, "kidney_left", 185.0, (96, 186, 108)),
+    PhantomStructure(4, "kidney_right", 185.0, (78, 150, 222)),
     PhantomStructure(5, "spine", 480.0, (241, 214, 145)),
 )
 ORIENTATION_CYCLE: tuple[str, ...] = ("LPS", "RAS", "LAS", "ASL", "RPI")
