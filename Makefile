@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	# RTSTRUCT: rt-utils declares the GUI OpenCV, which clashes with the headless build: install it without deps
+	$(BIN)/python -m pip install --quiet "opencv-python-headless>=4.8" && \
+	    $(BIN)/python -m pip install --quiet --no-deps "rt-utils==1.2.7"
 	touch $@
 
 demo: setup

@@ -92,7 +92,8 @@ def segment_volume(
 REPORT_NAME = "report.json"
 MASK_NAME = "mask.nii.gz"
 LABELS_NAME = "labels.json"
-FORMATS = ("nifti", "dicom-seg", "probabilities", "stats", "preview")
+FORMATS = ("nifti", "dicom-seg", "rtstruct", "probabilities", "stats", "preview")
+DICOM_ONLY_FORMATS = ("dicom-seg", "rtstruct")
 DEFAULT_FORMATS = frozenset({"nifti", "stats", "preview"})
 
 
@@ -168,9 +169,10 @@ def segment_case(
             report["input_provenance"] = case_volume.provenance
             volume = case_volume.volume
         formats = (outputs or OutputOptions()).for_case(case_volume.dicom_source is not None)
-        if "dicom-seg" in formats and case_volume.dicom_source is None:
-            raise OutputError("SEG_NEEDS_DICOM", "a DICOM-SEG references the source DICOM series; this case's input "
-                                                 "is NIfTI (use --format without dicom-seg, or export-seg)")
+        needs_dicom = sorted(set(DICOM_ONLY_FORMATS) & formats)
+        if needs_dicom and case_volume.dicom_source is None:
+            raise OutputError("SEG_NEEDS_DICOM", f"{' and '.join(needs_dicom)} reference the source DICOM series; this "
+                                                 "case's input is NIfTI (drop them from --format, or use export-seg)")
         fractional = (outputs or OutputOptions()).seg_type == "fractional" and "dicom-seg" in formats
         result = segment_volume(volume, predictor, keep_largest=keep_largest, progress=progress, timer=timer,
                                 keep_probabilities="probabilities" in formats or fractional)
@@ -238,6 +240,14 @@ def _write_outputs(
                         probabilities=probabilities, omit_empty_frames=options.omit_empty_frames,
                         software_version=software_versions()["tessera"])
         written.append("seg.dcm")
+    if "rtstruct" in formats and case_volume.dicom_source is not None:
+        from pipelines.writers.rtstruct import write_rtstruct
+        from pipelines.writers.seg import SegAlgorithm
+
+        write_rtstruct(result.labels, case_volume.dicom_source, manifest.labels,
+                       SegAlgorithm(manifest.name, manifest.version), folder / "rtstruct.dcm",
+                       software_version=software_versions()["tessera"])
+        written.append("rtstruct.dcm")
     return written
 
 

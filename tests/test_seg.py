@@ -184,3 +184,17 @@ def test_seg_needs_dicom_input_and_a_matching_grid(tmp_path, small_phantom_files
     with pytest.raises(OutputError) as info:
         export_seg(tmp_path / "wrong.nii.gz", series, tmp_path / "x.dcm")
     assert info.value.code == "SEG_GRID_MISMATCH"
+
+
+def test_fractional_seg_is_valid_and_reads_back(tmp_path, tiny_model):
+    series = tmp_path / "study"
+    write_phantom_series(42, series, orientation="ASL", spacing=(4.0, 4.0, 5.0))
+    run = run_tessera("segment", str(series), "-o", str(tmp_path / "out"), "--model", str(tiny_model.manifest_path),
+                      "--format", "nifti,dicom-seg,probabilities", "--seg-type", "fractional")
+    assert run.returncode == 0, run.stderr
+    seg_path = tmp_path / "out" / "study" / "seg.dcm"
+    assert pydicom.dcmread(seg_path, stop_before_pixels=True).SegmentationType == "FRACTIONAL"
+    assert dciodvfy_errors(seg_path) == []
+    probabilities = nib.load(tmp_path / "out" / "study" / "probabilities.nii.gz")
+    assert probabilities.shape[-1] == 6 and probabilities.get_fdata().max() <= 1.0 + 1e-6  # float32 scl_slope
+    np.testing.assert_allclose(probabilities.get_fdata().sum(axis=-1), 1.0, atol=6 * 0.5 / 255 + 1e-6)

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-keep-largest", action="store_true", help="skip keep-largest-component")
     seg.add_argument("--amp", action="store_true", help="mixed precision forward on CUDA")
     seg.add_argument("--format", default=None,
-                     help="comma-separated outputs: nifti, dicom-seg, probabilities, stats, preview "
+                     help="comma-separated outputs: nifti, dicom-seg, rtstruct, probabilities, stats, preview "
                           "(default: nifti,stats,preview, plus dicom-seg for DICOM input)")
     seg.add_argument("--seg-type", choices=("binary", "fractional"), default="binary",
                      help="DICOM-SEG type: binary labels (default) or fractional probabilities")

@@ -93,7 +93,7 @@ def _source_datasets(candidate: VolumeCandidate) -> list[Dataset]:
     slices = candidate.geometry.slices
     if any(s.frame is not None or s.tile_origin is not None for s in slices):
         raise OutputError("SEG_SOURCE_UNSUPPORTED", "DICOM-SEG on multi-frame or mosaic sources is not supported yet")
-    datasets = [copy.copy(s.dataset()) for s in slices]
+    datasets = [copy.deepcopy(s.dataset()) for s in slices]  # repairs must not leak into cached headers
     anchor = str(datasets[0].get("FrameOfReferenceUID", "")) or str(datasets[0].file_meta.get(
         "MediaStorageSOPInstanceUID", "tessera"))
     for dataset in datasets:
@@ -205,6 +205,8 @@ def write_dicom_seg(
     seg.save_as(path)
     if probabilities is None:
         verify_seg(path, labels, candidate, [lbl.value for lbl in ordered])
+    else:
+        verify_fractional_seg(path, fractions, candidate, omit_empty_frames)
     return path
 
 
@@ -221,6 +223,22 @@ def read_seg_labels(path: Path, candidate: VolumeCandidate, values: Sequence[int
     table = np.zeros(len(values) + 1, dtype=np.int32)
     table[1:] = values
     return table[stack].transpose(2, 1, 0)
+
+
+def verify_fractional_seg(path: Path, fractions: np.ndarray, candidate: VolumeCandidate, omitted: bool) -> None:
+    """Fractional values read back within the 8-bit quantisation (1/255) of what was written."""
+    seg = hd.seg.segread(path)
+    assert candidate.geometry is not None
+    uids = [s.dataset().get("SOPInstanceUID") or s.dataset().file_meta.MediaStorageSOPInstanceUID
+            for s in candidate.geometry.slices]
+    back = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, assert_missing_frames_are_empty=omitted,
+                                             skip_overlap_checks=True)  # (slice, row, column, segment)
+    expected = fractions.transpose(2, 1, 0, 3)
+    error = float(np.abs(back.astype(np.float64) - expected).max()) if back.shape == expected.shape else np.inf
+    if error > 1.0 / 255.0 + 1e-6:
+        path.unlink(missing_ok=True)
+        raise OutputError("SEG_VERIFY_FAILED", f"the fractional SEG reads back {error:.4f} away from the "
+                                               "probabilities; nothing was kept")
 
 
 def verify_seg(path: Path, labels: np.ndarray, candidate: VolumeCandidate, values: Sequence[int]) -> None:
