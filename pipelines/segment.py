@@ -179,6 +179,8 @@ def segment_case(
         result.warnings[:0] = case_volume.warnings
         with timer.stage("write"):
             written = _write_outputs(result, case_volume, predictor, outputs or OutputOptions(), formats, staging)
+        if predictor.last_plan is not None:
+            report["settings"]["stitch_plan"] = asdict(predictor.last_plan)
         report.update(status="succeeded", warnings=result.warnings, geometry=_geometry(result), outputs=written,
                       label_voxels=_label_voxels(result.labels, predictor.manifest.label_names()))
         error: TesseraError | None = None

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
 
 from models.manifest import ModelManifest
 from models.networks import load_network
 from pipelines.errors import UsageError
+from pipelines.inference.sliding_window import StitchPlan, sliding_window_inference
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class Predictor:
         self.amp = amp and self.device.type == "cuda"
         spec = manifest.inference
         self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
+        self.last_plan: StitchPlan | None = None
 
     @classmethod
     def default_cpu(cls) -> Predictor:
@@ -64,6 +65,7 @@ class Predictor:
         self.amp = False
         spec = manifest.inference
         self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
+        self.last_plan = None
         return self
 
     @torch.no_grad()
@@ -78,19 +80,34 @@ class Predictor:
         was_training = self.network.training
         self.network.eval()
         batch = image[None].to(self.device)
-        with torch.autocast(self.device.type, enabled=self.amp):
-            logits = sliding_window_inference(
-                batch,
-                roi_size=self.window.roi_size,
-                sw_batch_size=self.window.sw_batch_size,
-                predictor=self.network,
-                overlap=self.window.overlap,
-                mode=self.window.mode,
-                progress=progress,
-            )
+        if isinstance(batch, MetaTensor):
+            batch = batch.as_tensor()
+        probabilities = sliding_window_inference(
+            batch,
+            roi_size=self.window.roi_size,
+            sw_batch_size=self.window.sw_batch_size,
+            predictor=self.network,
+            overlap=self.window.overlap,
+            mode=self.window.mode,
+            output="probabilities",
+            amp=self.amp,
+            progress=self._window_bar() if progress else None,
+        )
+        self.last_plan = sliding_window_inference.last_plan  # type: ignore[attr-defined]
         self.network.train(was_training)
-        if isinstance(logits, MetaTensor):
-            logits = logits.as_tensor()
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"the network returned {type(logits).__name__}, a tensor of logits was expected")
-        return torch.softmax(logits.float(), dim=1)[0].cpu()
+        return probabilities[0].cpu()
+
+    @staticmethod
+    def _window_bar():  # type: ignore[no-untyped-def]
+        from tqdm import tqdm
+
+        bar: dict[str, tqdm] = {}
+
+        def update(done: int, total: int) -> None:
+            if "bar" not in bar:
+                bar["bar"] = tqdm(total=total, desc="windows", unit="win", leave=False)
+            bar["bar"].update(done - bar["bar"].n)
+            if done >= total:
+                bar["bar"].close()
+
+        return update
