@@ -62,6 +62,32 @@ def test_tiny_budget_forces_slab_streaming_with_identical_labels(network):
     assert (labels.long() == reference.argmax(dim=1)).float().mean() >= 0.9999
 
 
+@pytest.mark.parametrize("batch", [1, 2, 4, 5])
+def test_streaming_with_batches_that_span_rows(network, batch):
+    """9 windows a row: batches of 2, 4 and 5 mix two rows of windows; the slab must follow."""
+    image = torch.randn(1, 1, 80, 30, 30)
+    with torch.no_grad():
+        reference = monai_sliding_window(image, (16, 16, 16), batch, network, overlap=0.5, mode="gaussian")
+        labels = sliding_window_inference(image, (16, 16, 16), batch, network, overlap=0.5, output="labels",
+                                          memory_budget_bytes=10_000, accumulate_dtype=torch.float32)
+    assert sliding_window_inference.last_plan.slab_streaming
+    assert torch.equal(labels.long(), reference.argmax(dim=1))
+
+
+def test_predictor_output_is_not_modified(network):
+    kept = []
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        out = network(batch)
+        kept.append((out, out.clone()))
+        return out
+
+    with torch.no_grad():
+        sliding_window_inference(torch.randn(1, 1, 40, 20, 20), (16, 16, 16), 2, predictor, output="labels",
+                                 accumulate_dtype=torch.float16)
+    assert all(torch.equal(out, copy) for out, copy in kept)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_float16_accumulation_keeps_labels_many_seeds(seed):
     torch.manual_seed(seed)

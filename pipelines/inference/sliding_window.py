@@ -289,7 +289,6 @@ def _stitch_one(
         for index, window in enumerate(batch_slices):
             stitcher.add(window, logits[index])
         done += len(batch_slices)
-        stitcher.after(done)
         if progress:
             progress(done, len(slices))
     assert stitcher is not None
@@ -343,6 +342,7 @@ class _Stitcher:
         # the same for every class cannot change the argmax of the sum), so the values that decide the
         # argmax sit near zero where float16 is most precise; weights scaled out of the subnormal range.
         self.centre = dtype == torch.float16 and plan.output == "labels"
+        self.scratch: torch.Tensor | None = None
         if self.centre:
             self.weights = self.weights * FLOAT16_WEIGHT_SCALE
         self.accumulator = _POOL.zeros(plan.accumulator_shape, dtype, torch.device(plan.device))
@@ -352,35 +352,37 @@ class _Stitcher:
             self.labels = torch.empty((1, *size), dtype=torch.uint8 if classes <= 256 else torch.int16,
                                       device=plan.device)
         self.lo = 0  # first slice (axis 0) not yet finalised; the slab buffer starts there
-        self.starts = [window[0].start for window in slices]
 
     def add(self, window: tuple[slice, ...], logits: torch.Tensor) -> None:
         z, y, x = window
+        if self.plan.slab_streaming and z.start > self.lo:
+            # Windows come ordered by their start along axis 0: everything before this one is complete.
+            self._finalise(int(z.start))
         offset = z.start - self.lo if self.plan.slab_streaming else z.start
         target = self.accumulator[:, offset : offset + (z.stop - z.start), y, x]
         logits = logits.to(device=target.device, dtype=torch.float32)
-        if self.centre:
-            peak = logits[0].clone()
-            for k in range(1, logits.shape[0]):
-                torch.maximum(peak, logits[k], out=peak)
-            logits = logits - peak
-        target.addcmul_(logits, self.weights)
-
-    def after(self, done: int) -> None:
-        """Finalise what no remaining window touches (slab streaming only)."""
-        if not self.plan.slab_streaming or done >= len(self.slices):
+        if not self.centre:
+            target.addcmul_(logits, self.weights)
             return
-        final_end = self.starts[done]  # windows are ordered by their start along axis 0
-        if final_end > self.lo:
-            self._finalise(final_end)
+        peak = logits[0].clone()
+        for k in range(1, logits.shape[0]):
+            torch.maximum(peak, logits[k], out=peak)
+        if self.scratch is None or self.scratch.shape != logits.shape:
+            self.scratch = torch.empty(logits.shape, dtype=torch.float32, device=target.device)
+        centred = torch.sub(logits, peak, out=self.scratch)  # never modify the predictor's own output
+        if target.device.type == "cpu":  # CPU float16 arithmetic is slow: add in float32, store float16
+            centred.mul_(self.weights).add_(target)
+            target.copy_(centred)
+        else:
+            target.addcmul_(centred, self.weights)
 
     def _finalise(self, end: int) -> None:
         assert self.labels is not None
         depth = end - self.lo
         self.labels[0, self.lo : end] = argmax_classes(self.accumulator[:, :depth], self.labels.dtype)
         keep = self.accumulator.shape[1] - depth
-        if keep > 0:
-            self.accumulator[:, :keep] = self.accumulator[:, depth:].clone()
+        for index in range(keep):  # shift in place, front to back, so no source slice is overwritten early
+            self.accumulator[:, index].copy_(self.accumulator[:, index + depth])
         self.accumulator[:, keep:].zero_()
         self.lo = end
 
