@@ -24,6 +24,19 @@ def run_tessera(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def dciodvfy_errors(path: Path, iod: str) -> list[str]:
+    """The error lines the standard DICOM validator (dicom3tools) reports; it must recognise ``iod``."""
+    import shutil
+
+    binary = shutil.which("dciodvfy")
+    if binary is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed; .ci/run installs it")
+    run = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (run.stdout + run.stderr).splitlines()
+    assert any(iod in line for line in lines), lines[:5]
+    return [line for line in lines if line.startswith("Error")]
+
+
 def shared_data_dir() -> Path | None:
     path = Path(os.environ.get("TESSERA_TEST_DATA", ROOT.parent / "shared" / "data"))
     return path if path.is_dir() else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,21 +16,12 @@ from pipelines.ingestion.dicom.reader import load_volume, read_study
 from pipelines.phantom_dicom import write_phantom_series
 from pipelines.writers.export import export_seg, mask_on_stack
 from pipelines.writers.seg import OutputError
-from tests.conftest import ROOT, run_tessera
+from tests.conftest import ROOT, dciodvfy_errors, run_tessera
 
 TOTALSEG = Path("totalsegmentator/tests/reference_files")
 PYDICOM_SEG_PYTHON = ROOT / ".venv-pydicom-seg" / "bin" / "python"
 
 
-def dciodvfy_errors(path: Path) -> list[str]:
-    """The error lines the standard DICOM validator reports for ``path``."""
-    binary = shutil.which("dciodvfy")
-    if binary is None:
-        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed; .ci/run installs it")
-    run = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=120)
-    lines = (run.stdout + run.stderr).splitlines()
-    assert any("Segmentation" in line for line in lines), lines[:5]  # it recognised the IOD
-    return [line for line in lines if line.startswith("Error")]
 
 
 def read_back_with_pydicom_seg(seg_path: Path, out_dir: Path) -> dict[int, nib.Nifti1Image]:
@@ -57,7 +47,7 @@ def _canonical_bool(image: nib.Nifti1Image) -> nib.Nifti1Image:
 
 def check_seg(seg_path: Path, source: Path, mask: nib.Nifti1Image, tmp_path: Path) -> None:
     """dciodvfy clean; highdicom and pydicom-seg both read back the mask, in source geometry."""
-    assert dciodvfy_errors(seg_path) == []
+    assert _validator_errors(seg_path) == []
     study = read_study(source)
     (candidate,) = [c for c in study.volumes if mask_on_stack(mask, c) is not None]
     labels = mask_on_stack(mask, candidate)
@@ -194,7 +184,11 @@ def test_fractional_seg_is_valid_and_reads_back(tmp_path, tiny_model):
     assert run.returncode == 0, run.stderr
     seg_path = tmp_path / "out" / "study" / "seg.dcm"
     assert pydicom.dcmread(seg_path, stop_before_pixels=True).SegmentationType == "FRACTIONAL"
-    assert dciodvfy_errors(seg_path) == []
+    assert _validator_errors(seg_path) == []
     probabilities = nib.load(tmp_path / "out" / "study" / "probabilities.nii.gz")
     assert probabilities.shape[-1] == 6 and probabilities.get_fdata().max() <= 1.0 + 1e-6  # float32 scl_slope
     np.testing.assert_allclose(probabilities.get_fdata().sum(axis=-1), 1.0, atol=6 * 0.5 / 255 + 1e-6)
+
+
+def _validator_errors(path: Path) -> list[str]:
+    return dciodvfy_errors(path, "Segmentation")

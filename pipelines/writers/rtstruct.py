@@ -45,7 +45,7 @@ from pydicom.valuerep import format_number_as_ds
 from models.manifest import Label
 from pipelines.ingestion.dicom.series import VolumeCandidate
 from pipelines.writers.codes import ANATOMICAL_STRUCTURE, segment_codes
-from pipelines.writers.seg import OutputError, SegAlgorithm, _source_datasets
+from pipelines.writers.seg import OutputError, SegAlgorithm, _source_datasets, check_source_grid
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +107,6 @@ def rt_utils_swaps_pixel_spacing() -> bool:
     except Exception:  # internal API changed: rely on the independent verification
         log.debug("could not probe rt-utils' pixel spacing convention", exc_info=True)
         return False
-
-
-def _check_grid(candidate: VolumeCandidate, shape: tuple[int, ...]) -> None:
-    geometry = candidate.geometry
-    if geometry is None:
-        raise OutputError("RTSTRUCT_SOURCE_REFUSED", f"{candidate.label} was refused; no RTSTRUCT can reference it")
-    if geometry.tilt_degrees > 0.1:
-        raise OutputError("RTSTRUCT_NEEDS_SOURCE_GRID", "the series was resampled for gantry tilt; an RTSTRUCT must "
-                                                        "lie on the source slices")
-    if tuple(shape) != geometry.shape:
-        raise OutputError("RTSTRUCT_GRID_MISMATCH",
-                          f"mask grid {tuple(shape)} differs from the source stack {geometry.shape}")
 
 
 def _source_headers(candidate: VolumeCandidate) -> list[Dataset]:
@@ -368,7 +356,7 @@ def write_rtstruct(
     independently) and compared with the mask; a shortfall raises ``RTSTRUCT_VERIFY_FAILED`` and removes it.
     """
     builder = _rt_utils()
-    _check_grid(candidate, labels.shape)
+    check_source_grid(candidate, labels.shape, kind="RTSTRUCT")
     headers = _source_headers(candidate)
     present = {int(v) for v in np.unique(labels) if v > 0}
     ordered = [lbl for lbl in sorted(label_table, key=lambda lbl: lbl.value) if lbl.value in present]

@@ -122,15 +122,16 @@ def _source_datasets(candidate: VolumeCandidate) -> list[Dataset]:
     return datasets
 
 
-def _check_grid(candidate: VolumeCandidate, shape: tuple[int, ...]) -> None:
+def check_source_grid(candidate: VolumeCandidate, shape: tuple[int, ...], kind: str = "SEG") -> None:
+    """A DICOM object of ``kind`` (SEG, RTSTRUCT) must lie on the source slices, on their exact grid."""
     geometry = candidate.geometry
     if geometry is None:
-        raise OutputError("SEG_SOURCE_REFUSED", f"{candidate.label} was refused; no SEG can reference it")
+        raise OutputError(f"{kind}_SOURCE_REFUSED", f"{candidate.label} was refused; no {kind} can reference it")
     if geometry.tilt_degrees > 0.1:
-        raise OutputError("SEG_NEEDS_SOURCE_GRID", "the series was resampled for gantry tilt; a SEG must lie on "
-                                                   "the source slices")
+        raise OutputError(f"{kind}_NEEDS_SOURCE_GRID", f"the series was resampled for gantry tilt; a {kind} must "
+                                                       "lie on the source slices")
     if tuple(shape) != geometry.shape:
-        raise OutputError("SEG_GRID_MISMATCH",
+        raise OutputError(f"{kind}_GRID_MISMATCH",
                           f"mask grid {tuple(shape)} differs from the source stack {geometry.shape}")
 
 
@@ -172,7 +173,7 @@ def write_dicom_seg(
     ``probabilities`` (classes incl. background first, same grid) makes a FRACTIONAL SEG instead of BINARY.
     The file is read back and compared with the mask; any difference raises ``SEG_VERIFY_FAILED``.
     """
-    _check_grid(candidate, labels.shape)
+    check_source_grid(candidate, labels.shape)
     sources = _source_datasets(candidate)
     ordered = sorted(label_table, key=lambda lbl: lbl.value)
     if probabilities is None:
