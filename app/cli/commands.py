@@ -40,11 +40,11 @@ def configure_logging(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore")
 
 
-def _dataset_label_name(dataset: str, value: int) -> str | None:
+def _dataset_label_names(dataset: str) -> dict[str, str]:
     try:
-        return json.loads((Path(dataset) / "dataset.json").read_text())["labels"].get(str(value))
-    except (OSError, ValueError, KeyError):
-        return None
+        return dict(json.loads((Path(dataset) / "dataset.json").read_text())["labels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def train(args: argparse.Namespace) -> int:
@@ -64,7 +64,8 @@ def train(args: argparse.Namespace) -> int:
     )
     # Display colours for labels the phantom generator knows by name; other datasets get viewer defaults.
     colors = {s.value: s.color for s in STRUCTURES}
-    colors = {v: c for v, c in colors.items() if _dataset_label_name(args.dataset, v) == STRUCTURES[v - 1].name}
+    names = _dataset_label_names(args.dataset)
+    colors = {v: c for v, c in colors.items() if names.get(str(v)) == STRUCTURES[v - 1].name}
     with tqdm(total=args.iterations, desc="training", unit="it", disable=None) as bar:
         def advance(iteration: int, loss: float) -> None:
             bar.update(1)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -170,8 +171,6 @@ def series_sidecar(candidate: VolumeCandidate, shape: tuple[int, ...], affine: n
     """What a researcher needs to know about a converted volume; no patient identifiers."""
     first = candidate.slices[0]
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    import nibabel as nib
-
     philips_scale = first.dataset().get((0x2005, 0x100E))
     return {
         "SeriesInstanceUID": candidate.series_uid,

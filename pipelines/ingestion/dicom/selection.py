@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from pipelines.errors import InputError
 from pipelines.ingestion.dicom.series import VolumeCandidate
 
@@ -62,7 +60,3 @@ def select_series(
     ranking = [f"{c.label} ({len(c.slices)} slices)" for c in ranked]
     return SeriesSelection(chosen, reason, ranking)
 
-
-def normal_axis(candidate: VolumeCandidate) -> int:
-    assert candidate.geometry is not None
-    return int(np.argmax(np.abs(candidate.geometry.slices[0].normal)))
