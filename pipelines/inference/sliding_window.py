@@ -33,6 +33,8 @@ import torch.nn.functional as F  # noqa: N812
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 
+from pipelines.inference import cuda_kernels
+
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("labels", "probabilities", "logits")
@@ -56,6 +58,7 @@ class StitchPlan:
     estimated_bytes: int
     budget_bytes: int
     reason: str
+    kernels: str = "torch"  # "cupy": CuPy RawKernels for accumulate / argmax / normalise (CUDA), else torch ops
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -119,8 +122,9 @@ def plan_stitching(
         reasons.append(f"warning: needs about {estimated / 2**30:.2f} GiB, budget {budget / 2**30:.2f} GiB")
         log.warning("stitching needs about %.2f GiB of %.2f GiB available", estimated / 2**30, budget / 2**30)
     shape = (classes, roi_size[0] if streaming else image_size[0], *image_size[1:])
+    kernels = "cupy" if cuda_kernels.cupy_available(device) else "torch"
     return StitchPlan(str(device), str(dtype).replace("torch.", ""), streaming, shape, output, windows, estimated,
-                      budget, "; ".join(reasons))
+                      budget, "; ".join(reasons), kernels)
 
 
 @lru_cache(maxsize=16)
@@ -288,6 +292,9 @@ def _stitch_one(
             stitcher = _Stitcher(chosen, size, roi, weights, slices, device)
         for index, window in enumerate(batch_slices):
             stitcher.add(window, logits[index])
+        # drop this batch's output before the next forward: otherwise it lives on while the predictor makes the
+        # next one (105 classes x 2 x 96^3 float32 = 0.7 GB held for nothing)
+        del logits, batch
         done += len(batch_slices)
         if progress:
             progress(done, len(slices))
@@ -342,7 +349,7 @@ class _Stitcher:
         # the same for every class cannot change the argmax of the sum), so the values that decide the
         # argmax sit near zero where float16 is most precise; weights scaled out of the subnormal range.
         self.centre = dtype == torch.float16 and plan.output == "labels"
-        self.scratch: torch.Tensor | None = None
+        self.scratch: dict[str, torch.Tensor] = {}
         if self.centre:
             self.weights = self.weights * FLOAT16_WEIGHT_SCALE
         self.accumulator = _POOL.zeros(plan.accumulator_shape, dtype, torch.device(plan.device))
@@ -352,6 +359,7 @@ class _Stitcher:
             self.labels = torch.empty((1, *size), dtype=torch.uint8 if classes <= 256 else torch.int16,
                                       device=plan.device)
         self.lo = 0  # first slice (axis 0) not yet finalised; the slab buffer starts there
+        self.cupy = plan.kernels == "cupy" and self.accumulator.device.type == "cuda"
 
     def add(self, window: tuple[slice, ...], logits: torch.Tensor) -> None:
         z, y, x = window
@@ -360,31 +368,47 @@ class _Stitcher:
             self._finalise(int(z.start))
         offset = z.start - self.lo if self.plan.slab_streaming else z.start
         target = self.accumulator[:, offset : offset + (z.stop - z.start), y, x]
+        if self.cupy and logits.device == target.device:
+            cuda_kernels.accumulate(target, logits, self.weights, centre=self.centre)
+            return
         logits = logits.to(device=target.device, dtype=torch.float32)
         if not self.centre:
             target.addcmul_(logits, self.weights)
             return
-        peak = logits[0].clone()
+        peak = self._buffer("peak", logits.shape[1:], target.device)
+        peak.copy_(logits[0])
         for k in range(1, logits.shape[0]):
             torch.maximum(peak, logits[k], out=peak)
-        if self.scratch is None or self.scratch.shape != logits.shape:
-            self.scratch = torch.empty(logits.shape, dtype=torch.float32, device=target.device)
-        centred = torch.sub(logits, peak, out=self.scratch)  # never modify the predictor's own output
-        if target.device.type == "cpu":  # CPU float16 arithmetic is slow: add in float32, store float16
-            centred.mul_(self.weights).add_(target)
-            target.copy_(centred)
-        else:
-            target.addcmul_(centred, self.weights)
+        # one class at a time through a roi-sized float32 row: never modify the predictor's own output, and
+        # no class-by-roi scratch (105 classes x 96^3 would be 370 MB); CPU float16 arithmetic is slow, so add
+        # in float32 and store float16
+        row = self._buffer("row", logits.shape[1:], target.device)
+        for k in range(logits.shape[0]):
+            torch.sub(logits[k], peak, out=row).mul_(self.weights)
+            row.add_(target[k])
+            target[k].copy_(row)
+
+    def _buffer(self, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        buffer = self.scratch.get(name)
+        if buffer is None or buffer.shape != shape:
+            buffer = self.scratch[name] = torch.empty(shape, dtype=torch.float32, device=device)
+        return buffer
 
     def _finalise(self, end: int) -> None:
         assert self.labels is not None
         depth = end - self.lo
-        self.labels[0, self.lo : end] = argmax_classes(self.accumulator[:, :depth], self.labels.dtype)
+        self._argmax(self.accumulator[:, :depth], self.labels[0, self.lo : end])
         keep = self.accumulator.shape[1] - depth
         for index in range(keep):  # shift in place, front to back, so no source slice is overwritten early
             self.accumulator[:, index].copy_(self.accumulator[:, index + depth])
         self.accumulator[:, keep:].zero_()
         self.lo = end
+
+    def _argmax(self, scores: torch.Tensor, out: torch.Tensor) -> None:
+        if self.cupy:
+            cuda_kernels.argmax(scores, out)
+        else:
+            out.copy_(argmax_classes(scores, out.dtype))
 
     def finish(self, key: tuple) -> torch.Tensor:
         if self.plan.output == "labels":
@@ -392,9 +416,13 @@ class _Stitcher:
             if self.plan.slab_streaming:
                 self._finalise(self.size[0])
             else:
-                self.labels[0] = argmax_classes(self.accumulator, self.labels.dtype)
+                self._argmax(self.accumulator, self.labels[0])
             return self.labels
         total = _weight_sum(self.size, self.slices, self.weights, key)
+        if self.cupy:
+            out = torch.empty(self.accumulator.shape, dtype=torch.float32, device=self.accumulator.device)
+            cuda_kernels.normalise(self.accumulator, total, out, softmax=self.plan.output == "probabilities")
+            return out[None]
         blended = self.accumulator.float().div_(total)
         # a fresh tensor either way: the accumulator goes back to the pool
         result = softmax_classes(blended) if self.plan.output == "probabilities" else blended.clone()
