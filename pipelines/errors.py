@@ -35,3 +35,15 @@ class ModelError(TesseraError):
 
 class UsageError(TesseraError):
     """The command or call was given arguments that do not fit together."""
+
+
+class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt: not an error of the case, not caught as one
+    """Raised by a progress callback to stop a running case (cancelled, timed out, worker shutting down).
+
+    A ``BaseException`` so that the per-case ``except Exception`` that turns bugs into failed cases lets it
+    through: an interrupted case is neither succeeded nor failed, and leaves nothing that looks finished.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

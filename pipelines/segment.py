@@ -10,7 +10,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,12 +32,19 @@ from pipelines.writers.seg import OutputError
 log = logging.getLogger(__name__)
 
 
+ProgressCallback = Callable[[str, float], None]
+"""Called with (stage, fraction of that stage done); may raise :class:`pipelines.errors.Interrupted` to stop."""
+
+
 @dataclass
 class StageTimer:
     seconds: dict[str, float] = field(default_factory=dict)
+    listener: ProgressCallback | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.listener is not None:
+            self.listener(name, 0.0)
         start = time.perf_counter()
         try:
             yield
@@ -62,7 +69,7 @@ def segment_volume(
     predictor: Predictor,
     *,
     keep_largest: bool = True,
-    progress: bool = False,
+    progress: bool | ProgressCallback = False,
     timer: StageTimer | None = None,
     keep_probabilities: bool = False,
 ) -> Segmentation:
@@ -73,7 +80,8 @@ def segment_volume(
     with timer.stage("preprocess"):
         prepared = prepare(volume, manifest.preprocessing)
     with timer.stage("predict"):
-        probabilities = predictor.probabilities(prepared.image, progress=progress)
+        windows = _window_progress(progress) if callable(progress) else progress
+        probabilities = predictor.probabilities(prepared.image, progress=windows)
     with timer.stage("to_source_grid"):
         on_source = prepared.mapping.to_source(probabilities)
         labels = labels_from_probabilities(on_source, manifest.num_classes)
@@ -85,6 +93,10 @@ def segment_volume(
     kept = on_source.numpy().astype(np.float32) if keep_probabilities else None
     return Segmentation(labels=labels, volume=volume, mapping=prepared.mapping, timer=timer, warnings=warnings,
                         probabilities=kept)
+
+
+def _window_progress(progress: ProgressCallback) -> Callable[[int, int], None]:
+    return lambda done, total: progress("predict", done / max(total, 1))
 
 
 # --- one case from file to folder -------------------------------------------------------------
@@ -145,20 +157,22 @@ def segment_case(
     *,
     keep_largest: bool = True,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: bool | ProgressCallback = False,
     read_options: ReadOptions | None = None,
     outputs: OutputOptions | None = None,
 ) -> CaseResult:
     """Segment one input file into ``output_root/<case_id>/``; never raises for a bad case.
 
     Results are written into a ``.partial`` folder that is renamed into place at the end, so an
-    interrupted run never leaves a half-written case that looks finished.
+    interrupted run never leaves a half-written case that looks finished. ``progress``: a terminal bar
+    (``True``) or a callback told each stage and the fraction of windows done; when the callback raises
+    :class:`~pipelines.errors.Interrupted` the case stops there, nothing is written.
     """
     case_dir = output_root / case.case_id
     if not overwrite and is_finished(case_dir):
         return CaseResult(case.case_id, "skipped", case_dir)
     started = time.perf_counter()
-    timer = StageTimer()
+    timer = StageTimer(listener=progress if callable(progress) else None)
     report: dict[str, Any] = _report_header(case, predictor, keep_largest)
     staging = output_root / f".{case.case_id}.partial"
     shutil.rmtree(staging, ignore_errors=True)

@@ -106,3 +106,12 @@ def small_phantom_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
         nib.save(phantom.label, folder / f"case{seed}_label.nii.gz")
         files[f"case{seed}"] = folder / f"case{seed}.nii.gz"
     return files
+
+
+@pytest.fixture(scope="session")
+def service_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder for the service tests: ``tiny`` (4 mm) and ``tiny-native`` (no resampling)."""
+    root = tmp_path_factory.mktemp("service_models")
+    write_tiny_model(root / "tiny")
+    write_tiny_model(root / "tiny-native", name="tiny-native", spacing=None)
+    return root

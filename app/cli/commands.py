@@ -198,3 +198,57 @@ def convert(args: argparse.Namespace) -> int:
     log.info("%d volume(s) written, %d refused, %d set aside -> %s", len(outcome.written), len(outcome.refused),
              len(outcome.set_aside), args.output)
     return 1 if outcome.selected_refused else 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.service.app import create_app
+    from app.service.logs import configure_service_logging
+    from app.service.settings import load_settings
+
+    configure_service_logging("server", verbose=args.verbose)
+    settings = load_settings(Path(args.config) if args.config else None, host=args.host, port=args.port,
+                             data_dir=args.data_dir, default_model=args.model, device=args.device,
+                             concurrency=args.concurrency, auth=False if args.no_auth else None)
+    app = create_app(settings)
+    log.info("Tessera service on http://%s:%d (docs at /docs)", settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=True,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def _key_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from app.jobs.store import JobStore
+    from app.service.settings import ServiceSettings
+
+    return JobStore(ServiceSettings(data_dir=Path(args.data_dir)).database)
+
+
+def keys_create(args: argparse.Namespace) -> int:
+    from app.jobs.keys import create_key
+
+    token = create_key(_key_store(args), args.name)
+    log.info("new API key '%s' (shown once; store it now):", args.name)
+    print(token)  # the key alone on the last line, for scripts
+    return 0
+
+
+def keys_list(args: argparse.Namespace) -> int:
+    import time
+
+    for key in _key_store(args).list_keys():
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created_at))
+        status = "revoked" if key.revoked_at else "active"
+        print(f"{key.id}  {key.name:<24} {created}  {status}")
+    return 0
+
+
+def keys_revoke(args: argparse.Namespace) -> int:
+    from pipelines.errors import UsageError
+
+    key = _key_store(args).revoke_key(args.key)
+    if key is None:
+        raise UsageError("KEY_NOT_FOUND", f"no key with name or id {args.key!r}")
+    log.info("revoked key '%s' (%s)", key.name, key.id)
+    return 0

@@ -131,6 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--test", type=int, default=4)
     gen.add_argument("--first-seed", type=int, default=0)
     gen.set_defaults(handler=commands.sample_data)
+
+    srv = sub.add_parser("serve", help="run the REST service (FastAPI on uvicorn) with its job workers")
+    srv.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    srv.add_argument("--data-dir", default=None, help="job database, uploads and results (default ./tessera-data)")
+    srv.add_argument("--config", default=None, help="a TOML settings file (also $TESSERA_CONFIG)")
+    srv.add_argument("--model", default=None, help="default model for jobs that name none")
+    srv.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    srv.add_argument("--concurrency", type=int, default=None, help="jobs at once (default: one per GPU, else one)")
+    srv.add_argument("--no-auth", action="store_true", help="no API keys (refused unless bound to loopback)")
+    srv.set_defaults(handler=commands.serve)
+
+    keys = sub.add_parser("keys", help="API keys of the REST service")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    for name, helptext in (("create", "make a key (printed once, alone on the last line)"),
+                           ("list", "the keys (never the secrets)"), ("revoke", "revoke a key by name or id")):
+        cmd = keys_sub.add_parser(name, help=helptext)
+        cmd.add_argument("--data-dir", required=True, help="the service's data directory")
+        if name == "create":
+            cmd.add_argument("--name", required=True, help="who or what the key is for")
+        if name == "revoke":
+            cmd.add_argument("key", help="the key's name or id")
+        cmd.set_defaults(handler=getattr(commands, f"keys_{name}"))
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +70,11 @@ class Predictor:
         return self
 
     @torch.no_grad()
-    def probabilities(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """Softmax class probabilities ``(K, *spatial)`` on the CPU for a ``(C, *spatial)`` input."""
+    def probabilities(self, image: torch.Tensor, progress: bool | Callable[[int, int], None] = False) -> torch.Tensor:
+        """Softmax class probabilities ``(K, *spatial)`` on the CPU for a ``(C, *spatial)`` input.
+
+        ``progress``: a terminal bar over the windows, or a callback given (windows done, windows in all).
+        """
         expected = len(self.manifest.channels)
         if image.shape[0] != expected:
             raise UsageError(
@@ -91,7 +95,7 @@ class Predictor:
             mode=self.window.mode,
             output="probabilities",
             amp=self.amp,
-            progress=self._window_bar() if progress else None,
+            progress=progress if callable(progress) else (self._window_bar() if progress else None),
         )
         self.last_plan = sliding_window_inference.last_plan  # type: ignore[attr-defined]
         self.network.train(was_training)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import stat
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,20 +78,37 @@ def iter_sources(root: Path) -> Iterator[DicomFile]:
         yield DicomFile(root.name, root, gzipped=root.name.lower().endswith(".gz"))
 
 
-def _zip_members(path: Path) -> Iterator[DicomFile]:
+def check_zip_archive(path: Path, max_members: int = MAX_ZIP_MEMBERS,
+                      max_bytes: int = MAX_ZIP_BYTES) -> list[zipfile.ZipInfo]:
+    """The file members of a zip, refused with a coded error when unsafe to unpack or read.
+
+    Refused: not a zip, more than ``max_members`` files, more than ``max_bytes`` uncompressed (zip bombs: the
+    declared sizes bound what ``zipfile`` will ever inflate), members whose path leaves the archive
+    (absolute, drive letters, ``..``) and symbolic links.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
         raise InputError("ZIP_UNREADABLE", f"{path.name}: not a readable zip archive ({exc})") from exc
-    if len(members) > MAX_ZIP_MEMBERS:
-        raise InputError("ZIP_TOO_MANY_FILES", f"{path.name}: {len(members)} files, at most {MAX_ZIP_MEMBERS} allowed")
-    if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
-        raise InputError("ZIP_TOO_LARGE", f"{path.name}: uncompressed size over {MAX_ZIP_BYTES // 1024**3} GiB")
-    for member in sorted(members, key=lambda m: m.filename):
-        name = member.filename
-        if name.startswith(("/", "\\")) or ".." in Path(name).parts:
+    if len(members) > max_members:
+        raise InputError("ZIP_TOO_MANY_FILES", f"{path.name}: {len(members)} files, at most {max_members} allowed")
+    total = sum(m.file_size for m in members)
+    if total > max_bytes:
+        raise InputError("ZIP_TOO_LARGE", f"{path.name}: {total / 1024**2:.0f} MiB uncompressed, at most "
+                                          f"{max_bytes / 1024**2:.0f} MiB allowed")
+    for member in members:
+        name = member.filename.replace("\\", "/")
+        if name.startswith("/") or ".." in name.split("/") or (len(name) > 1 and name[1] == ":"):
             raise InputError("ZIP_UNSAFE_PATH", f"{path.name}: member '{name}' points outside the archive")
+        if stat.S_ISLNK(member.external_attr >> 16):
+            raise InputError("ZIP_UNSAFE_LINK", f"{path.name}: member '{name}' is a symbolic link")
+    return members
+
+
+def _zip_members(path: Path) -> Iterator[DicomFile]:
+    for member in sorted(check_zip_archive(path), key=lambda m: m.filename):
+        name = member.filename
         if Path(name).name.startswith(".") or Path(name).name in _SKIP_NAMES or name.startswith("__MACOSX"):
             continue
         yield DicomFile(f"{path.name}:{name}", path, member=name, gzipped=name.lower().endswith(".gz"))

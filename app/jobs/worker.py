@@ -1,0 +1,376 @@
+"""Job workers: processes that keep models loaded and run queued jobs through :func:`segment_case`.
+
+One process per slot (by default one per GPU, else one). A worker claims the oldest queued job in the
+SQLite store, runs it with a progress callback that records stage and progress, and stops the job at the
+next window when it is cancelled, times out or the server shuts down. The server's monitor thread
+restarts a worker that died (its job re-runs, up to ``max_attempts``) and kills one that ignores a
+timeout or a cancel. Workers die with the server (``PR_SET_PDEATHSIG``), so after a ``kill -9`` nothing
+runs on; the next start re-queues what was running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import OrderedDict
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.jobs.store import Job, JobStore
+from pipelines.errors import Interrupted, TesseraError
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event
+
+    from app.service.settings import ServiceSettings
+    from pipelines.inference import Predictor
+
+log = logging.getLogger(__name__)
+
+# Where each pipeline stage sits on the job's 0..1 progress scale.
+STAGE_SPANS: dict[str, tuple[float, float]] = {
+    "starting": (0.0, 0.0), "loading_model": (0.0, 0.02), "read": (0.02, 0.1), "preprocess": (0.1, 0.15),
+    "predict": (0.15, 0.85), "to_source_grid": (0.85, 0.9), "postprocess": (0.9, 0.92), "write": (0.92, 1.0),
+}
+PROGRESS_EVERY_S = 0.5
+HEARTBEAT_EVERY_S = 2.0
+MAX_LOADED_MODELS = 2
+
+
+def job_dir(settings: ServiceSettings, job_id: str) -> Path:
+    return settings.jobs_dir / job_id
+
+
+def result_dir(settings: ServiceSettings, job_id: str) -> Path:
+    """The case folder :func:`segment_case` writes (the case is named after the job: no file names)."""
+    return job_dir(settings, job_id) / "output" / job_id
+
+
+def remove_job_files(settings: ServiceSettings, job_id: str) -> None:
+    shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
+
+
+def slot_device(settings: ServiceSettings, slot: int) -> str:
+    if settings.device != "auto":
+        return settings.device
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"cuda:{slot % count}" if count else "cpu"
+
+
+def default_concurrency(settings: ServiceSettings) -> int:
+    if settings.concurrency:
+        return settings.concurrency
+    if settings.device.startswith("cuda") or settings.device == "cpu":
+        return 1
+    import torch
+
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+
+
+# --- the worker process -----------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when the server dies; elsewhere the heartbeat thread notices."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+class _Worker:
+    def __init__(self, slot: int, settings: ServiceSettings, stop: Event, parent: int) -> None:
+        self.slot, self.settings, self.stop, self.parent = slot, settings, stop, parent
+        self.store = JobStore(settings.database)
+        self.device = slot_device(settings, slot)
+        self.predictors: OrderedDict[str, Predictor] = OrderedDict()
+        self.ready = False
+
+    def heartbeat_forever(self) -> None:
+        while True:
+            if os.getppid() != self.parent:
+                os._exit(0)
+            try:
+                self.store.worker_beat(self.slot, os.getpid(), self.device, self.ready)
+            except Exception:  # the database may be briefly locked; the next beat will do
+                log.debug("heartbeat failed", exc_info=True)
+            time.sleep(HEARTBEAT_EVERY_S)
+
+    def predictor(self, model: str) -> Predictor:
+        from models.registry import resolve_model
+        from pipelines.inference import Predictor
+
+        default = resolve_model(self.settings.default_model)  # may be a manifest path, not a registered name
+        manifest = default if model in ("", default.name) else resolve_model(model)
+        if manifest.name in self.predictors:
+            self.predictors.move_to_end(manifest.name)
+            return self.predictors[manifest.name]
+        predictor = Predictor(manifest, device=self.device)
+        self.predictors[manifest.name] = predictor
+        while len(self.predictors) > MAX_LOADED_MODELS:
+            self.predictors.popitem(last=False)
+        return predictor
+
+    def serve(self) -> None:
+        threading.Thread(target=self.heartbeat_forever, name="heartbeat", daemon=True).start()
+        try:
+            self.predictor(self.settings.default_model or "")  # "" is the shipped default
+        except TesseraError as exc:
+            log.error("worker %d: the default model does not load: %s", self.slot, exc)
+        self.ready = True
+        self.store.worker_beat(self.slot, os.getpid(), self.device, True)
+        log.info("worker %d ready on %s", self.slot, self.device)
+        while not self.stop.is_set():
+            job = self.store.claim_next(self.slot)
+            if job is None:
+                self.stop.wait(0.2)
+                continue
+            self.run(job)
+
+    def run(self, job: Job) -> None:
+        from pipelines.cases import CaseInput
+        from pipelines.ingestion.reading import ReadOptions
+        from pipelines.segment import OutputOptions, segment_case
+
+        log.info("job %s: started (attempt %d) on worker %d", job.id, job.attempts, self.slot)
+        folder = job_dir(self.settings, job.id)
+        deadline = time.monotonic() + self.settings.job_timeout_s
+        last: dict[str, Any] = {"stage": "", "time": 0.0}
+
+        def progress(stage: str, fraction: float) -> None:
+            now = time.monotonic()
+            if self.stop.is_set():
+                raise Interrupted("shutdown")
+            if now > deadline:
+                raise Interrupted("timeout")
+            if stage == last["stage"] and now - last["time"] < PROGRESS_EVERY_S:
+                return
+            last.update(stage=stage, time=now)
+            low, high = STAGE_SPANS.get(stage, (0.0, 0.0))
+            if self.store.report_progress(job.id, stage, low + (high - low) * min(max(fraction, 0.0), 1.0)):
+                raise Interrupted("cancelled")
+
+        options = job.options
+        try:
+            progress("loading_model", 0.0)
+            predictor = self.predictor(job.model)
+            case = CaseInput(job.id, tuple(folder / "input" / name for name in job.inputs))
+            outputs = OutputOptions(formats=frozenset(options["formats"]) if options.get("formats") else None,
+                                    seg_type=options.get("seg_type", "binary"))
+            read_options = ReadOptions(series=options.get("series"), tilt=options.get("tilt", "refuse"))
+            result = segment_case(case, folder / "output", predictor, keep_largest=options.get("keep_largest", True),
+                                  overwrite=True, progress=progress, read_options=read_options, outputs=outputs)
+        except Interrupted as stop:
+            self._interrupted(job, stop.reason)
+            return
+        except TesseraError as exc:
+            self._finish(job, "failed", error_code=exc.code, error_message=exc.message)
+            return
+        except Exception as exc:  # a bug: the job fails with a code, the worker lives on
+            log.exception("job %s: internal error", job.id)
+            self._finish(job, "failed", error_code="INTERNAL_ERROR", error_message=type(exc).__name__)
+            return
+        report = _read_report(result.output_dir)
+        details: dict[str, Any] = {"warnings": report.get("warnings", []), "timings": report.get("timings_s", {})}
+        if result.status == "failed":
+            self._finish(job, "failed", error_code=result.error_code, error_message=result.error_message, **details)
+        else:
+            artifacts = sorted(p.name for p in result.output_dir.iterdir() if p.is_file())
+            self._finish(job, "succeeded", artifacts=artifacts, **details)
+
+    def _interrupted(self, job: Job, reason: str) -> None:
+        if reason == "shutdown":
+            log.info("job %s: interrupted by shutdown; queued again", job.id)
+            self.store.requeue(job.id, count_attempt=False)
+        elif reason == "timeout":
+            self._finish(job, "failed", error_code="JOB_TIMEOUT",
+                         error_message=f"stopped after {self.settings.job_timeout_s:g} s (job_timeout_s)")
+        else:
+            self._finish(job, "cancelled")
+
+    def _finish(self, job: Job, state: str, **details: Any) -> None:
+        self.store.finish(job.id, state, **details)
+        log.info("job %s: %s%s", job.id, state, f" ({details['error_code']})" if details.get("error_code") else "")
+        current = self.store.get(job.id)
+        if current is not None and current.delete_requested:
+            remove_job_files(self.settings, job.id)
+            self.store.delete(job.id)
+        elif state != "succeeded":
+            shutil.rmtree(job_dir(self.settings, job.id) / "output", ignore_errors=True)
+
+
+def _read_report(case_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((case_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def worker_main(slot: int, settings_data: dict[str, Any], stop: Event, parent: int) -> None:
+    """Entry point of a worker process."""
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
+    from app.service.logs import configure_service_logging
+    from app.service.settings import ServiceSettings
+
+    configure_service_logging(f"worker-{slot}")
+    _Worker(slot, ServiceSettings(**settings_data), stop, parent).serve()
+
+
+# --- the server side ----------------------------------------------------------------------------
+
+
+class WorkerPool:
+    """Starts the workers, watches them, enforces timeouts and cancels, sweeps old jobs."""
+
+    def __init__(self, settings: ServiceSettings, store: JobStore) -> None:
+        self.settings, self.store = settings, store
+        self.context = multiprocessing.get_context("spawn")
+        self.stop_event = self.context.Event()
+        self.slots = default_concurrency(settings)
+        self.processes: dict[int, BaseProcess] = {}
+        self._cancel_seen: dict[str, float] = {}
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._last_sweep = 0.0
+
+    def start(self) -> None:
+        for slot in range(self.slots):
+            self._spawn(slot)
+        self._monitor = threading.Thread(target=self._watch, name="job-monitor", daemon=True)
+        self._monitor.start()
+
+    def _spawn(self, slot: int) -> None:
+        data = self.settings.model_dump(mode="json")
+        process = self.context.Process(target=worker_main, args=(slot, data, self.stop_event, os.getpid()),
+                                       name=f"tessera-worker-{slot}", daemon=False)  # the DICOM reader forks
+        process.start()
+        self.processes[slot] = process
+
+    def ready(self) -> bool:
+        beats = {w["slot"]: w for w in self.store.workers()}
+        now = time.time()
+        return all(p.is_alive() for p in self.processes.values()) and all(
+            slot in beats and beats[slot]["ready"] and now - beats[slot]["heartbeat"] < 4 * HEARTBEAT_EVERY_S
+            for slot in self.processes)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stopping.set()
+        self.stop_event.set()
+        end = time.monotonic() + timeout
+        for process in self.processes.values():
+            process.join(max(end - time.monotonic(), 0.1))
+        for slot, process in self.processes.items():
+            if process.is_alive():
+                process.kill()
+                process.join()
+            for job in self._running_on(slot):
+                self.store.requeue(job.id, count_attempt=False)
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+
+    def _running_on(self, slot: int) -> list[Job]:
+        return [job for job in self.store.jobs_in("running") if job.worker == slot]
+
+    def _restart(self, slot: int) -> None:
+        process = self.processes[slot]
+        if process.is_alive():
+            process.kill()
+        process.join()
+        if not self._stopping.is_set():
+            self._spawn(slot)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.5):
+            try:
+                self._check_workers()
+                self._sweep_deleted()
+                if time.monotonic() - self._last_sweep > self.settings.retention_sweep_s:
+                    self._last_sweep = time.monotonic()
+                    self.sweep_expired()
+            except Exception:  # the monitor must outlive any one problem
+                log.exception("job monitor")
+
+    def _check_workers(self) -> None:
+        now = time.time()
+        running = {job.worker: job for job in self.store.jobs_in("running")}
+        for slot, process in list(self.processes.items()):
+            job = running.get(slot)
+            if not process.is_alive():
+                log.error("worker %d died (exit code %s)", slot, process.exitcode)
+                if job is not None:
+                    self._after_crash(job)
+                self._restart(slot)
+                continue
+            if job is None:
+                continue
+            if job.started_at and now - job.started_at > self.settings.job_timeout_s + self.settings.cancel_grace_s:
+                log.error("job %s: worker %d ignored the timeout; killed", job.id, slot)
+                self._restart_after(slot, job, "failed", "JOB_TIMEOUT",
+                                    f"stopped after {self.settings.job_timeout_s:g} s (job_timeout_s)")
+            elif job.cancel_requested:
+                seen = self._cancel_seen.setdefault(job.id, time.monotonic())
+                if time.monotonic() - seen > self.settings.cancel_grace_s:
+                    log.warning("job %s: worker %d ignored the cancel; killed", job.id, slot)
+                    self._restart_after(slot, job, "cancelled", None, None)
+
+    def _restart_after(self, slot: int, job: Job, state: str, code: str | None, message: str | None) -> None:
+        process = self.processes[slot]
+        process.kill()
+        process.join()
+        self.store.finish(job.id, state, error_code=code, error_message=message)
+        self._restart(slot)
+
+    def _after_crash(self, job: Job) -> None:
+        if job.cancel_requested:
+            self.store.finish(job.id, "cancelled")
+        elif job.attempts >= self.settings.max_attempts:
+            self.store.finish(job.id, "failed", error_code="WORKER_CRASHED",
+                              error_message=f"the worker died {job.attempts} times running this job")
+        else:
+            self.store.requeue(job.id)
+
+    def _sweep_deleted(self) -> None:
+        for job in self.store.jobs_in("succeeded", "failed", "cancelled"):
+            if job.delete_requested:
+                remove_job_files(self.settings, job.id)
+                self.store.delete(job.id)
+                self._cancel_seen.pop(job.id, None)
+
+    def sweep_expired(self) -> int:
+        """Delete the files of jobs finished longer ago than the retention period; their records stay."""
+        expired = self.store.expired(time.time() - self.settings.retention_hours * 3600)
+        for job_id in expired:
+            remove_job_files(self.settings, job_id)
+            self.store.mark_purged(job_id)
+        if expired:
+            log.info("retention: deleted the files of %d job(s)", len(expired))
+        return len(expired)
+
+
+def recover_data_dir(settings: ServiceSettings, store: JobStore) -> None:
+    """At start-up: re-queue interrupted jobs, drop uploads that never became jobs."""
+    recovery = store.recover(settings.max_attempts)
+    if recovery.requeued:
+        log.info("re-queued %d job(s) interrupted by the last shutdown", len(recovery.requeued))
+    if recovery.failed:
+        log.warning("%d job(s) failed after repeated crashes", len(recovery.failed))
+    known = store.known_ids()
+    settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+    for folder in settings.jobs_dir.iterdir():
+        if folder.name not in known:
+            shutil.rmtree(folder, ignore_errors=True)

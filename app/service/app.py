@@ -1,0 +1,380 @@
+"""The REST service: ``create_app(settings)`` builds the FastAPI application (``tessera serve`` runs it).
+
+Uploads become jobs in the SQLite store; worker processes run them through the same pipeline as the CLI.
+Every ``/v1`` route needs ``Authorization: Bearer <key>`` (unless auth is off on a loopback address), and
+a key sees only its own jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from app.jobs.keys import authenticate
+from app.jobs.store import Job, JobStore
+from app.jobs.worker import WorkerPool, job_dir, recover_data_dir, remove_job_files, result_dir
+from app.service import schemas
+from app.service.problems import (
+    ProblemError,
+    UploadLimit,
+    install_problem_handlers,
+    problem_response,
+    problem_responses,
+)
+from app.service.settings import ServiceSettings
+from app.service.uploads import StoredUpload, store_upload
+from pipelines.errors import TesseraError
+
+log = logging.getLogger(__name__)
+LOCAL_OWNER = "local"
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_MEDIA_TYPES = {".gz": "application/gzip", ".dcm": "application/dicom", ".png": "image/png",
+                ".json": "application/json", ".csv": "text/csv"}
+_FORM_FIELDS = ("model", "formats", "seg_type", "series", "tilt", "keep_largest")
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["file"],
+            "properties": {
+                "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                         "description": "one NIfTI file, a zip of a DICOM study, one DICOM file, or one NIfTI per "
+                                        "channel in the model's channel order (repeat the part)"},
+                "model": {"type": "string", "description": "a model from GET /v1/models (default: the default)"},
+                "formats": {"type": "string", "description": "comma-separated: nifti, dicom-seg, rtstruct, "
+                                                             "probabilities, stats, preview"},
+                "seg_type": {"type": "string", "enum": ["binary", "fractional"]},
+                "series": {"type": "string", "description": "DICOM: SeriesInstanceUID or SeriesNumber to use"},
+                "tilt": {"type": "string", "enum": ["refuse", "resample"]},
+                "keep_largest": {"type": "boolean"},
+            },
+        }}},
+    }
+}
+
+
+class ServiceState:
+    """What the routes share: settings, the store, the worker pool."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.store = JobStore(settings.database)
+        self.pool = WorkerPool(settings, self.store)
+        self._lock_handle: Any = None
+
+    def lock_data_dir(self) -> None:
+        """One server per data directory: two would both re-queue 'running' jobs."""
+        handle = (self.settings.data_dir / "server.lock").open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise TesseraError("DATA_DIR_IN_USE", f"another server uses {self.settings.data_dir}") from None
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_handle = handle
+
+
+def _state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.tessera
+    return state
+
+
+_bearer = HTTPBearer(auto_error=False, description="an API key from `tessera keys create`")
+
+
+def owner_of(request: Request,
+             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
+    """The caller: the id of a live API key (or 'local' with auth off on loopback)."""
+    state = _state(request)
+    if not state.settings.auth:
+        return LOCAL_OWNER
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise ProblemError(401, "AUTH_REQUIRED", "send an API key: 'Authorization: Bearer <key>'", challenge)
+    key = authenticate(state.store, credentials.credentials)
+    if key is None:
+        raise ProblemError(401, "AUTH_INVALID", "unknown or revoked API key", challenge)
+    return key.id
+
+
+Owner = Annotated[str, Depends(owner_of)]
+
+
+def _own_job(state: ServiceState, job_id: str, owner: str) -> Job:
+    """The caller's job; anyone else's (or none) is 404, so ids reveal nothing."""
+    job = state.store.get(job_id) if _JOB_ID.match(job_id) else None
+    if job is None or job.owner != owner or job.delete_requested:
+        raise ProblemError(404, "JOB_NOT_FOUND", f"no job {job_id[:64]!r}")
+    return job
+
+
+def _job_info(state: ServiceState, job: Job, queue: list[str] | None = None) -> schemas.JobInfo:
+    url = f"/v1/jobs/{job.id}"
+    artifacts = []
+    folder = result_dir(state.settings, job.id)
+    for name in job.artifacts if job.state == "succeeded" else []:
+        try:
+            size = (folder / name).stat().st_size
+        except OSError:
+            continue
+        artifacts.append(schemas.Artifact(name=name, url=f"{url}/artifacts/{name}", bytes=size))
+    position = queue.index(job.id) if queue and job.id in queue else None
+    error = schemas.ErrorInfo(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    return schemas.JobInfo(
+        id=job.id, url=url, state=job.state, stage=job.stage, progress=round(job.progress, 4), model=job.model,
+        formats=job.options.get("formats"), created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at, queue_position=position, attempts=job.attempts, warnings=job.warnings,
+        error=error, timings_s=job.timings, artifacts=artifacts, expired=job.purged_at is not None)
+
+
+def _form_text(form: Any, name: str) -> str | None:
+    value = form.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProblemError(422, "REQUEST_INVALID", f"form field '{name}' must be text, not a file")
+    return value.strip() or None
+
+
+def _job_options(state: ServiceState, form: Any, files: int) -> tuple[str, dict[str, Any]]:
+    """The model and options of a new job from the form fields, checked before anything is stored."""
+    from models.registry import list_manifests, resolve_model
+    from pipelines.segment import OutputOptions
+
+    unknown = sorted(set(form.keys()) - {"file", *_FORM_FIELDS})
+    if unknown:
+        raise ProblemError(422, "REQUEST_INVALID", f"unknown form field(s) {unknown}; known: file, "
+                                                   f"{', '.join(_FORM_FIELDS)}")
+    default = resolve_model(state.settings.default_model)
+    name = _form_text(form, "model")
+    if name is None:
+        manifest = default
+    else:
+        registered = {m.name: m for m in list_manifests()} | {default.name: default}
+        if name not in registered:
+            raise ProblemError(422, "MODEL_NOT_FOUND", f"no model named {name[:64]!r}; see GET /v1/models")
+        manifest = registered[name]
+    formats_text = _form_text(form, "formats")
+    formats = sorted({f.strip() for f in formats_text.split(",") if f.strip()}) if formats_text else None
+    seg_type = _form_text(form, "seg_type") or "binary"
+    OutputOptions(formats=frozenset(formats) if formats else None, seg_type=seg_type)  # raises UNKNOWN_FORMAT
+    tilt = _form_text(form, "tilt") or "refuse"
+    if tilt not in ("refuse", "resample"):
+        raise ProblemError(422, "REQUEST_INVALID", "tilt must be refuse or resample")
+    keep = (_form_text(form, "keep_largest") or "true").lower()
+    if keep not in ("true", "false", "1", "0", "yes", "no"):
+        raise ProblemError(422, "REQUEST_INVALID", "keep_largest must be true or false")
+    channels = len(manifest.channels)
+    if files not in (1, channels):
+        raise ProblemError(422, "CHANNEL_COUNT_MISMATCH", f"model '{manifest.name}' takes {channels} channel(s): "
+                                                          f"send one file per channel, or one DICOM zip; got {files}")
+    options = {"formats": formats, "seg_type": seg_type, "series": _form_text(form, "series"), "tilt": tilt,
+               "keep_largest": keep in ("true", "1", "yes")}
+    return manifest.name, options
+
+
+def _retry_after(state: ServiceState) -> str:
+    """Seconds until a queue slot is likely free: queued jobs x their recent mean run time / workers."""
+    queued = state.store.count_queued()
+    wait = queued * state.store.mean_run_seconds() / max(state.pool.slots, 1)
+    return str(int(min(max(wait, 1), 3600)))
+
+
+def _store_inputs(state: ServiceState, uploads: list[UploadFile], folder: Path) -> list[str]:
+    settings = state.settings
+    partial = folder / "input.partial"
+    partial.mkdir(parents=True)
+    stored: list[StoredUpload] = [
+        store_upload(upload.file, partial, index, settings.zip_max_members, settings.zip_max_bytes)
+        for index, upload in enumerate(uploads)]
+    kinds = {s.kind for s in stored}
+    if len(stored) > 1 and kinds == {"dicom"}:  # loose DICOM files: one study folder
+        study = partial / "study"
+        study.mkdir()
+        for item in stored:
+            (partial / item.name).rename(study / item.name)
+        names = ["study"]
+    elif len(stored) > 1 and kinds != {"nifti"}:
+        raise ProblemError(422, "UPLOAD_MIXED", "several files must all be NIfTI (one per channel) or all DICOM")
+    else:
+        names = [s.name for s in stored]
+    partial.rename(folder / "input")
+    return names
+
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/jobs", status_code=202, response_model=schemas.Accepted, openapi_extra=_UPLOAD_SCHEMA,
+             summary="Upload a volume and start a segmentation job",
+             responses=problem_responses(400, 401, 413, 415, 422, 429))
+async def create_job(request: Request, owner: Owner) -> JSONResponse:
+    state = _state(request)
+    settings = state.settings
+    if state.store.count_queued() >= settings.max_queued_jobs:  # before reading the body
+        raise ProblemError(429, "QUEUE_FULL", f"{settings.max_queued_jobs} jobs are waiting; try again later",
+                           {"Retry-After": _retry_after(state)})
+    if "multipart/form-data" not in request.headers.get("content-type", ""):
+        raise ProblemError(415, "UNSUPPORTED_MEDIA_TYPE", "send multipart/form-data with one or more 'file' parts")
+    form = await request.form(max_files=settings.max_files, max_fields=len(_FORM_FIELDS) + 1)
+    try:
+        uploads = [part for part in form.getlist("file") if isinstance(part, UploadFile)]
+        if not uploads:
+            raise ProblemError(422, "NO_FILE", "no file part named 'file' in the upload")
+        model, options = _job_options(state, form, len(uploads))
+        job_id = uuid.uuid4().hex
+        folder = job_dir(settings, job_id)
+        try:
+            inputs = await run_in_threadpool(_store_inputs, state, uploads, folder)
+            job = Job(id=job_id, owner=owner, state="queued", model=model, options=options, inputs=inputs,
+                      created_at=time.time())
+            accepted = await run_in_threadpool(state.store.add_job, job, settings.max_queued_jobs)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if not accepted:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ProblemError(429, "QUEUE_FULL", f"{settings.max_queued_jobs} jobs are waiting; try again later",
+                               {"Retry-After": _retry_after(state)})
+    finally:
+        await form.close()
+    log.info("job %s: queued (model %s, %d file(s))", job_id, model, len(uploads))
+    url = f"/v1/jobs/{job_id}"
+    return JSONResponse(schemas.Accepted(id=job_id, url=url, state="queued").model_dump(), status_code=202,
+                        headers={"Location": url})
+
+
+@router.get("/jobs", response_model=schemas.JobList, summary="The caller's jobs, newest first",
+            responses=problem_responses(401, 422))
+def list_jobs(request: Request, owner: Owner, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+              offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> schemas.JobList:
+    state = _state(request)
+    queue = [job.id for job in state.store.jobs_in("queued")]
+    return schemas.JobList(jobs=[_job_info(state, job, queue) for job in state.store.list_for(owner, limit, offset)])
+
+
+@router.get("/jobs/{job_id}", response_model=schemas.JobInfo, summary="A job's state, progress and artifacts",
+            responses=problem_responses(401, 404))
+def get_job(request: Request, job_id: str, owner: Owner) -> schemas.JobInfo:
+    state = _state(request)
+    job = _own_job(state, job_id, owner)
+    queue = [j.id for j in state.store.jobs_in("queued")] if job.state == "queued" else None
+    return _job_info(state, job, queue)
+
+
+@router.get("/jobs/{job_id}/artifacts/{name}", summary="Download a result file",
+            response_class=FileResponse, responses={200: {"content": {"application/octet-stream": {}}},
+                                                    **problem_responses(401, 404, 409, 410)})
+def get_artifact(request: Request, job_id: str, name: str, owner: Owner) -> FileResponse:
+    state = _state(request)
+    job = _own_job(state, job_id, owner)
+    if job.purged_at is not None:
+        raise ProblemError(410, "JOB_EXPIRED", "this job's files were deleted by the retention policy")
+    if job.state != "succeeded":
+        raise ProblemError(409, "JOB_NOT_SUCCEEDED", f"the job is {job.state}; artifacts exist once it succeeded")
+    if name not in job.artifacts:
+        raise ProblemError(404, "ARTIFACT_NOT_FOUND", f"no artifact {name[:64]!r}; the job has {job.artifacts}")
+    path = result_dir(state.settings, job.id) / name
+    if not path.is_file():
+        raise ProblemError(410, "JOB_EXPIRED", "this job's files are gone")
+    suffix = path.suffix.lower()
+    return FileResponse(path, media_type=_MEDIA_TYPES.get(suffix, "application/octet-stream"), filename=name)
+
+
+@router.delete("/jobs/{job_id}", status_code=204, summary="Cancel a job if it runs, and delete it with its files",
+               responses={202: {"model": schemas.JobInfo, "description": "running: cancel under way, then deleted"},
+                          **problem_responses(401, 404)})
+def delete_job(request: Request, job_id: str, owner: Owner) -> Response:
+    state = _state(request)
+    job = _own_job(state, job_id, owner)
+    updated = state.store.request_cancel(job.id, delete=True)
+    if updated is not None and updated.state == "running":
+        log.info("job %s: cancel requested", job.id)
+        return JSONResponse(_job_info(state, updated).model_dump(), status_code=202)
+    remove_job_files(state.settings, job.id)
+    state.store.delete(job.id)
+    log.info("job %s: deleted", job.id)
+    return Response(status_code=204)
+
+
+@router.get("/models", response_model=schemas.ModelList, summary="Models jobs can name",
+            responses=problem_responses(401))
+def list_models(request: Request, owner: Owner) -> schemas.ModelList:
+    from models.registry import list_manifests, resolve_model
+
+    default = resolve_model(_state(request).settings.default_model)
+    manifests = {m.name: m for m in list_manifests()} | {default.name: default}
+    return schemas.ModelList(models=[
+        schemas.ModelInfo(name=m.name, version=m.version, family=m.family, default=m.name == default.name,
+                          channels=[c.name for c in m.channels],
+                          labels=[schemas.LabelInfo(value=lbl.value, name=lbl.name) for lbl in m.labels])
+        for m in sorted(manifests.values(), key=lambda m: m.name)])
+
+
+def create_app(settings: ServiceSettings) -> FastAPI:
+    """The application for ``settings``; its lifespan locks the data directory and runs the workers."""
+    from app.cli.commands import tool_version
+
+    state = ServiceState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        state.lock_data_dir()
+        recover_data_dir(settings, state.store)
+        state.pool.start()
+        log.info("serving with %d worker(s); data in %s; auth %s", state.pool.slots, settings.data_dir,
+                 "on" if settings.auth else "OFF (loopback only)")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.pool.stop)
+
+    app = FastAPI(title="Tessera", version=tool_version(), lifespan=lifespan,
+                  description="3D medical image segmentation: upload a volume, poll the job, download the mask.")
+    app.state.tessera = state
+    install_problem_handlers(app)
+    app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
+
+    @app.get("/healthz", response_model=schemas.Health, response_model_exclude_none=True,
+             summary="The process answers")
+    def healthz() -> schemas.Health:
+        return schemas.Health(status="ok", version=tool_version())
+
+    @app.get("/readyz", response_model=schemas.Health, summary="Database reachable and workers ready",
+             responses=problem_responses(503))
+    def readyz() -> Any:
+        try:
+            state.store.ping()
+            queued = state.store.count_queued()
+        except Exception:
+            return problem_response(503, "NOT_READY", "the job database is not reachable", "/readyz")
+        if not state.pool.ready():
+            return problem_response(503, "NOT_READY", "workers are starting or restarting", "/readyz")
+        return schemas.Health(status="ready", version=tool_version(), workers=state.pool.slots, queued=queued)
+
+    return app
+

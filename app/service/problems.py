@@ -1,0 +1,142 @@
+"""Errors as ``application/problem+json`` (RFC 9457) carrying Tessera's stable codes; never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipelines.errors import TesseraError
+
+log = logging.getLogger(__name__)
+PROBLEM_TYPE = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """What went wrong: ``code`` is stable (clients key on it), ``detail`` is one line for people."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+class ProblemError(Exception):
+    """Raised by routes: answered as a problem document with this status and code."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+
+def problem_response(status: int, code: str, detail: str, instance: str | None = None,
+                     headers: dict[str, str] | None = None, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    body = Problem(type=f"urn:tessera:error:{code.lower()}", title=HTTPStatus(status).phrase, status=status,
+                   code=code, detail=detail, instance=instance, errors=errors)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers,
+                        media_type=PROBLEM_TYPE)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for routes that answer these problem statuses."""
+    return {status: {"model": Problem, "description": HTTPStatus(status).phrase,
+                     "content": {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+            for status in statuses}
+
+
+_HTTP_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+               405: "METHOD_NOT_ALLOWED", 406: "NOT_ACCEPTABLE", 413: "UPLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ProblemError)
+        return problem_response(exc.status, exc.code, exc.detail, request.url.path, exc.headers)
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _HTTP_CODES.get(exc.status_code, f"HTTP_{exc.status_code}")
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return problem_response(exc.status_code, code, detail, request.url.path, dict(exc.headers or {}))
+
+    async def on_invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        loc, msg = [str(p) for p in first["loc"]], str(first["msg"])
+        detail = f"{'.'.join(loc)}: {msg}" if loc else msg
+        return problem_response(422, "REQUEST_INVALID", detail, request.url.path, errors=errors)
+
+    async def on_tessera(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, TesseraError)
+        return problem_response(422, exc.code, exc.message, request.url.path)
+
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
+        return problem_response(500, "INTERNAL_ERROR", "an internal error occurred; it has been logged",
+                                request.url.path)
+
+    app.add_exception_handler(ProblemError, on_problem)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(RequestValidationError, on_invalid)
+    app.add_exception_handler(TesseraError, on_tessera)
+    app.add_exception_handler(Exception, on_bug)
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+class UploadLimit:
+    """Answers 413 when a request body is over ``limit`` bytes: at once from Content-Length, else as soon as the
+    streamed body passes the limit (nothing past it is read or stored)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLargeError
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLargeError:
+            if not started:
+                await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem_response(413, "UPLOAD_TOO_LARGE",
+                                    f"request body over the limit of {self.limit / 1024**2:.0f} MiB (max_upload_bytes)",
+                                    scope.get("path"), headers={"Connection": "close"})
+        await response(scope, receive, send)

@@ -1,0 +1,100 @@
+"""Typed service settings: defaults < config file (TOML) < ``TESSERA_*`` environment variables < CLI flags."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from pipelines.errors import UsageError
+
+GiB = 1024**3
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the REST service and its workers need; ``TESSERA_<FIELD>`` in the environment sets a field."""
+
+    model_config = SettingsConfigDict(env_prefix="TESSERA_", extra="forbid")
+
+    data_dir: Path = Field(default=Path("tessera-data"), description="job store (SQLite), uploads and results")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    auth: bool = Field(default=True, description="require an API key; may be switched off only on a loopback address")
+    default_model: str | None = Field(default=None, description="model for jobs that name none")
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    concurrency: int | None = Field(default=None, ge=1, description="jobs at once; default one per GPU, else one")
+    max_queued_jobs: int = Field(default=32, ge=1, description="queued jobs beyond which uploads get 429")
+    job_timeout_s: float = Field(default=3600.0, gt=0, description="a running job is stopped after this long")
+    max_attempts: int = Field(default=3, ge=1, description="runs of a job interrupted by crashes before it is failed")
+    max_upload_bytes: int = Field(default=2 * GiB, ge=1, description="request bodies above this get 413")
+    max_files: int = Field(default=8, ge=1, description="file parts per upload (multi-channel models)")
+    zip_max_members: int = Field(default=20_000, ge=1)
+    zip_max_bytes: int = Field(default=8 * GiB, ge=1, description="uncompressed size limit of an uploaded zip")
+    retention_hours: float = Field(default=168.0, gt=0, description="finished jobs' files are deleted after this long")
+    retention_sweep_s: float = Field(default=300.0, gt=0, description="how often old jobs are looked for")
+    cancel_grace_s: float = Field(default=20.0, gt=0, description="a worker that ignores a cancel this long is killed")
+    cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed")
+
+    @model_validator(mode="after")
+    def _auth_only_off_on_loopback(self) -> ServiceSettings:
+        if not self.auth and not is_loopback(self.host):
+            raise ValueError(f"auth may be switched off only on a loopback address, not on {self.host!r}")
+        return self
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "tessera.sqlite3"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = os.environ.get("TESSERA_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> ServiceSettings:
+    """Settings from a TOML file (``config_file`` or ``$TESSERA_CONFIG``), the environment and overrides."""
+    from pydantic import ValidationError
+
+    previous = os.environ.get("TESSERA_CONFIG")
+    if config_file is not None:
+        if not config_file.is_file():
+            raise UsageError("CONFIG_NOT_FOUND", f"{config_file}: no such config file")
+        os.environ["TESSERA_CONFIG"] = str(config_file)
+    try:
+        return ServiceSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise UsageError("BAD_SETTINGS", problems) from exc
+    finally:
+        if config_file is not None:
+            if previous is None:
+                os.environ.pop("TESSERA_CONFIG", None)
+            else:
+                os.environ["TESSERA_CONFIG"] = previous
