@@ -177,3 +177,12 @@ def test_a_job_runs_to_its_artifacts_and_retention_deletes_them(tmp_path: Path, 
     purged = store.get(job.id)
     assert purged is not None and purged.purged_at is not None and purged.artifacts == []
     assert not (settings.jobs_dir / job.id).exists()
+
+
+def test_one_server_per_data_directory(tmp_path: Path) -> None:
+    from app.service.app import ServiceState
+
+    holder = ServiceState(ServiceSettings(data_dir=tmp_path / "data"))
+    holder.lock_data_dir()
+    run = run_tessera("serve", "--data-dir", str(tmp_path / "data"), "--port", "0")
+    assert run.returncode == 2 and "DATA_DIR_IN_USE" in run.stderr and "Traceback" not in run.stderr

@@ -212,6 +212,7 @@ def serve(args: argparse.Namespace) -> int:
                              data_dir=args.data_dir, default_model=args.model, device=args.device,
                              concurrency=args.concurrency, auth=False if args.no_auth else None)
     app = create_app(settings)
+    app.state.tessera.lock_data_dir()  # a second server on the same data is a usage error, before uvicorn starts
     log.info("Tessera service on http://%s:%d (docs at /docs)", settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=True,
                 timeout_graceful_shutdown=30)

@@ -40,7 +40,7 @@ from app.service.problems import (
 )
 from app.service.settings import ServiceSettings
 from app.service.uploads import StoredUpload, store_upload
-from pipelines.errors import TesseraError
+from pipelines.errors import UsageError
 
 log = logging.getLogger(__name__)
 LOCAL_OWNER = "local"
@@ -82,12 +82,15 @@ class ServiceState:
 
     def lock_data_dir(self) -> None:
         """One server per data directory: two would both re-queue 'running' jobs."""
+        if self._lock_handle is not None:
+            return
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         handle = (self.settings.data_dir / "server.lock").open("w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
-            raise TesseraError("DATA_DIR_IN_USE", f"another server uses {self.settings.data_dir}") from None
+            raise UsageError("DATA_DIR_IN_USE", f"another server uses {self.settings.data_dir}") from None
         handle.write(str(os.getpid()))
         handle.flush()
         self._lock_handle = handle
