@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from pipelines.cases import CaseInput
-from pipelines.errors import TesseraError, UsageError
+from pipelines.errors import TesseraError
 from pipelines.inference import Predictor
 from pipelines.ingestion.reading import CaseVolume, ReadOptions, read_case
+from pipelines.outputs import DICOM_ONLY_FORMATS, OutputOptions
 from pipelines.postprocessing import keep_largest_components, labels_from_probabilities
 from pipelines.preprocessing import GridMapping, prepare
 from pipelines.volume import Volume
@@ -104,32 +105,6 @@ def _window_progress(progress: ProgressCallback) -> Callable[[int, int], None]:
 REPORT_NAME = "report.json"
 MASK_NAME = "mask.nii.gz"
 LABELS_NAME = "labels.json"
-FORMATS = ("nifti", "dicom-seg", "rtstruct", "probabilities", "stats", "preview")
-DICOM_ONLY_FORMATS = ("dicom-seg", "rtstruct")
-DEFAULT_FORMATS = frozenset({"nifti", "stats", "preview"})
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """Which outputs a case gets. ``formats=None``: nifti, stats, preview, and dicom-seg for DICOM input."""
-
-    formats: frozenset[str] | None = None
-    seg_type: str = "binary"
-    omit_empty_frames: bool = True
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.formats or ()) - set(FORMATS))
-        if unknown:
-            raise UsageError("UNKNOWN_FORMAT", f"unknown output format(s) {unknown}; choose from {list(FORMATS)}")
-        if self.seg_type not in ("binary", "fractional"):
-            raise UsageError("UNKNOWN_FORMAT", f"seg_type must be binary or fractional, got {self.seg_type!r}")
-
-    def for_case(self, dicom_input: bool) -> frozenset[str]:
-        if self.formats is not None:
-            return self.formats
-        return DEFAULT_FORMATS | ({"dicom-seg"} if dicom_input else set())
-
-
 @dataclass
 class CaseResult:
     case_id: str

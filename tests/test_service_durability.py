@@ -95,6 +95,6 @@ def test_twenty_concurrent_uploads_get_202_or_429_and_memory_stays_bounded(
         peak = server.peak_rss_bytes()
         record_property("server_peak_rss_mib", round(peak / 2**20))
         print(f"server peak RSS {peak / 2**20:.0f} MiB; answers {codes.count(202)} x 202, {codes.count(429)} x 429")
-        assert peak < 1024 * 2**20  # the server holds no volumes: uploads stream to disk, models live in workers
+        assert peak < 300 * 2**20  # no volumes, no torch in the server: uploads stream to disk, models live in workers
     finally:
         server.stop()

@@ -161,7 +161,7 @@ def _form_text(form: Any, name: str) -> str | None:
 def _job_options(state: ServiceState, form: Any, files: int) -> tuple[str, dict[str, Any]]:
     """The model and options of a new job from the form fields, checked before anything is stored."""
     from models.registry import list_manifests, resolve_model
-    from pipelines.segment import OutputOptions
+    from pipelines.outputs import OutputOptions
 
     unknown = sorted(set(form.keys()) - {"file", *_FORM_FIELDS})
     if unknown:

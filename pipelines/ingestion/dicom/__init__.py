@@ -6,7 +6,21 @@ with a RAS+ affine (DICOM's LPS patient coordinates with x and y negated). Voxel
 private floating-point scaling (2005,100E) is *not* applied; it is recorded in the sidecar.
 """
 
-from pipelines.ingestion.dicom.reader import DicomStudy, read_study
-from pipelines.ingestion.dicom.selection import SeriesSelection, select_series
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["DicomStudy", "SeriesSelection", "read_study", "select_series"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: ``sources`` (finding files, checking zips) is used without torch/MONAI, e.g. by the REST service.
+    if name in ("DicomStudy", "read_study"):
+        from pipelines.ingestion.dicom import reader
+
+        return getattr(reader, name)
+    if name in ("SeriesSelection", "select_series"):
+        from pipelines.ingestion.dicom import selection
+
+        return getattr(selection, name)
+    raise AttributeError(name)
