@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gzip
-import multiprocessing
+import threading
 import time
 from pathlib import Path
 
@@ -147,7 +147,7 @@ def _run_one_job(tmp_path: Path, models: Path, **extra: object) -> tuple[Service
     settings = _settings(tmp_path, models, **extra)
     store = JobStore(settings.database)
     _queued_phantom_job(settings, store, "a" * 32)
-    worker = _Worker(0, settings, multiprocessing.get_context("spawn").Event(), parent=0)
+    worker = _Worker(0, settings, threading.Event(), parent=0)
     job = store.claim_next(0)
     assert job is not None
     time.sleep(0.01)

@@ -98,3 +98,25 @@ def test_twenty_concurrent_uploads_get_202_or_429_and_memory_stays_bounded(
         assert peak < 300 * 2**20  # no volumes, no torch in the server: uploads stream to disk, models live in workers
     finally:
         server.stop()
+
+
+def test_graceful_shutdown_puts_the_running_job_back_in_the_queue(service_models: Path, phantoms: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    import sqlite3
+
+    env = cli_env(service_models, tmp_path / "home")
+    server = Server(tmp_path / "data", env, "tiny", tmp_path / "server.log")
+    server.start()
+    key = create_key(server.data_dir, "alice", env)
+    with server.client(key) as client:
+        job_id = post_job(client, phantoms["big"], model="tiny-native").json()["id"]
+        wait_for(client, job_id, {"running"}, stage="predict")
+    server.stop()  # SIGTERM, as systemd or docker stop send it
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells what happened
+    assert server.process is not None and server.process.returncode in (0, -15), server.log_tail()
+    assert "Application shutdown complete" in server.log_tail()
+    with sqlite3.connect(server.data_dir / "tessera.sqlite3") as db:
+        state, attempts = db.execute("SELECT state, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    assert (state, attempts) == ("queued", 0)  # a shutdown is not a failed attempt
+    log = server.log_path.read_text()
+    assert "interrupted by shutdown" in log and "leaked semaphore" not in log

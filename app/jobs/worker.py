@@ -28,8 +28,6 @@ from app.jobs.store import Job, JobStore
 from pipelines.errors import Interrupted, TesseraError
 
 if TYPE_CHECKING:
-    from multiprocessing.synchronize import Event
-
     from app.service.settings import ServiceSettings
     from pipelines.inference import Predictor
 
@@ -92,7 +90,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 class _Worker:
-    def __init__(self, slot: int, settings: ServiceSettings, stop: Event, parent: int) -> None:
+    def __init__(self, slot: int, settings: ServiceSettings, stop: threading.Event, parent: int) -> None:
         self.slot, self.settings, self.stop, self.parent = slot, settings, stop, parent
         self.store = JobStore(settings.database)
         self.device = slot_device(settings, slot)
@@ -220,10 +218,12 @@ def _read_report(case_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def worker_main(slot: int, settings_data: dict[str, Any], stop: Event, parent: int) -> None:
-    """Entry point of a worker process."""
+def worker_main(slot: int, settings_data: dict[str, Any], parent: int) -> None:
+    """Entry point of a worker process; SIGTERM asks it to stop (a running job is re-queued)."""
     _die_with_parent(parent)
+    stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     from app.service.logs import configure_service_logging
     from app.service.settings import ServiceSettings
 
@@ -240,7 +240,6 @@ class WorkerPool:
     def __init__(self, settings: ServiceSettings, store: JobStore) -> None:
         self.settings, self.store = settings, store
         self.context = multiprocessing.get_context("spawn")
-        self.stop_event = self.context.Event()
         self.slots = default_concurrency(settings)
         self.processes: dict[int, BaseProcess] = {}
         self._cancel_seen: dict[str, float] = {}
@@ -256,7 +255,7 @@ class WorkerPool:
 
     def _spawn(self, slot: int) -> None:
         data = self.settings.model_dump(mode="json")
-        process = self.context.Process(target=worker_main, args=(slot, data, self.stop_event, os.getpid()),
+        process = self.context.Process(target=worker_main, args=(slot, data, os.getpid()),
                                        name=f"tessera-worker-{slot}", daemon=False)  # the DICOM reader forks
         process.start()
         self.processes[slot] = process
@@ -270,7 +269,9 @@ class WorkerPool:
 
     def stop(self, timeout: float = 15.0) -> None:
         self._stopping.set()
-        self.stop_event.set()
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the job stops at its next window and is queued again
         end = time.monotonic() + timeout
         for process in self.processes.values():
             process.join(max(end - time.monotonic(), 0.1))
@@ -306,6 +307,8 @@ class WorkerPool:
                 log.exception("job monitor")
 
     def _check_workers(self) -> None:
+        if self._stopping.is_set():
+            return
         now = time.time()
         running = {job.worker: job for job in self.store.jobs_in("running")}
         for slot, process in list(self.processes.items()):
