@@ -57,8 +57,9 @@ def write_tiny_model(
     spacing: list[float] | None = (4.0, 4.0, 4.0),  # type: ignore[assignment]
     roi: int = 64,
     seed: int = 0,
+    channels: int = 1,
 ) -> ModelManifest:
-    """A randomly initialised tiny Swin-UNETR with a manifest on the phantom labels."""
+    """A randomly initialised tiny Swin-UNETR with a manifest on the phantom labels (CT, CT2... channels)."""
     from models.manifest import manifest_from_dict
     from models.networks import build_network
 
@@ -67,7 +68,7 @@ def write_tiny_model(
         "name": name,
         "version": "0.0.1",
         "family": "swin_unetr",
-        "channels": [{"name": "CT", "modality": "CT"}],
+        "channels": [{"name": "CT" if i == 0 else f"CT{i + 1}", "modality": "CT"} for i in range(channels)],
         "labels": [{"value": s.value, "name": s.name} for s in STRUCTURES],
         "network": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 2]},
         "preprocessing": {"orientation": "RAS", "spacing": list(spacing) if spacing else None,
@@ -114,4 +115,5 @@ def service_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("service_models")
     write_tiny_model(root / "tiny")
     write_tiny_model(root / "tiny-native", name="tiny-native", spacing=None)
+    write_tiny_model(root / "tiny-2ch", name="tiny-2ch", channels=2)
     return root

@@ -60,18 +60,7 @@ def test_two_channel_model_segments_a_case_folder(tmp_path):
     folder = tmp_path / "cases"
     folder.mkdir()
     _two_grids(folder)
-    manifest = write_tiny_model(tmp_path / "model", name="tiny-2ch")
-    data = json.loads(manifest.manifest_path.read_text())
-    data["channels"] = [{"name": "CT", "modality": "CT"}, {"name": "CT2", "modality": "CT"}]
-    import torch
-
-    from models.manifest import file_sha256, manifest_from_dict
-    from models.networks import build_network
-
-    torch.manual_seed(0)
-    torch.save(build_network(manifest_from_dict(data)).state_dict(), tmp_path / "model" / "model.pt")
-    data["weights"]["sha256"] = file_sha256(tmp_path / "model" / "model.pt")
-    manifest.manifest_path.write_text(json.dumps(data))
+    manifest = write_tiny_model(tmp_path / "model", name="tiny-2ch", channels=2)
     run = run_tessera("segment", str(folder), "-o", str(tmp_path / "out"), "--model", str(manifest.manifest_path))
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "out" / "case" / "report.json").read_text())

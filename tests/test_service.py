@@ -189,6 +189,28 @@ def test_dicom_zip_upload_gives_the_clis_mask_and_a_seg(server: Server, alice: h
     np.testing.assert_array_equal(np.asarray(mask.dataobj), _cli_mask(server, dicom_zip, tmp_path / "cli"))
 
 
+def test_one_file_per_channel_for_a_multichannel_model(server: Server, alice: httpx.Client, tmp_path: Path) -> None:
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    phantom = make_phantom(21, spacing=(4.0, 4.0, 5.0))
+    nib.save(phantom.image, folder / "case_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(phantom.image.dataobj)[::2, ::2, :].astype(np.float32),
+                             phantom.image.affine @ np.diag([2.0, 2.0, 1.0, 1.0])), folder / "case_0001.nii.gz")
+    response = post_job(alice, folder / "case_0000.nii.gz", folder / "case_0001.nii.gz", model="tiny-2ch")
+    assert response.status_code == 202, response.text
+    job = wait_for(alice, response.json()["id"])
+    assert job["state"] == "succeeded", job
+    mask = _download_mask(alice, job, tmp_path / "mask.nii.gz")
+    server_model, server.model = server.model, "tiny-2ch"
+    try:
+        expected = _cli_mask(server, folder, tmp_path / "cli")
+    finally:
+        server.model = server_model
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), expected)
+    _assert_problem(post_job(alice, folder / "case_0000.nii.gz", folder / "case_0001.nii.gz",
+                             folder / "case_0001.nii.gz", model="tiny-2ch"), 422, "CHANNEL_COUNT_MISMATCH")
+
+
 def test_a_key_sees_only_its_own_jobs(alice: httpx.Client, bob: httpx.Client, nifti_case: Path) -> None:
     job_id = post_job(alice, nifti_case).json()["id"]
     _assert_problem(bob.get(f"/v1/jobs/{job_id}"), 404, "JOB_NOT_FOUND")
