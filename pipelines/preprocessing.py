@@ -48,6 +48,16 @@ class GridMapping:
             self.model_affine, self.oriented_affine, atol=1e-6
         )
 
+    def labels_to_source(self, channels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """The argmax over classes of :meth:`to_source` (identical labels, ties to the lower class), resampling
+        ``chunk`` classes at a time: memory grows with a few source-grid volumes, not classes x voxels."""
+        from pipelines.inference.sliding_window import argmax_over_chunks
+
+        classes = int(channels.shape[0])
+        dtype = torch.uint8 if classes <= 256 else torch.int16
+        parts = (self.to_source(channels[start : start + chunk]) for start in range(0, classes, chunk))
+        return argmax_over_chunks(parts, dtype)
+
     def to_source(self, channels: torch.Tensor) -> torch.Tensor:
         """Channel-first model-space values (probabilities, logits) on the exact source grid."""
         if isinstance(channels, MetaTensor):

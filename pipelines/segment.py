@@ -84,14 +84,19 @@ def segment_volume(
         windows = _window_progress(progress) if callable(progress) else progress
         probabilities = predictor.probabilities(prepared.image, progress=windows)
     with timer.stage("to_source_grid"):
-        on_source = prepared.mapping.to_source(probabilities)
-        labels = labels_from_probabilities(on_source, manifest.num_classes)
+        if keep_probabilities:
+            on_source = prepared.mapping.to_source(probabilities)
+            labels = labels_from_probabilities(on_source, manifest.num_classes)
+        else:  # a few classes at a time: 100+ class models stay within memory on big source grids
+            labels = prepared.mapping.labels_to_source(probabilities).numpy()
+            labels = labels.astype(np.uint8 if manifest.num_classes <= 256 else np.uint16)
+            on_source = None
     with timer.stage("postprocess"):
         if keep_largest and manifest.keep_largest_component:
             labels = keep_largest_components(labels, manifest.keep_largest_component)
     if labels.shape != volume.spatial_shape:  # guaranteed by construction; a failure here is a bug
         raise AssertionError(f"mask shape {labels.shape} != source shape {volume.spatial_shape}")
-    kept = on_source.numpy().astype(np.float32) if keep_probabilities else None
+    kept = on_source.numpy().astype(np.float32) if on_source is not None else None
     return Segmentation(labels=labels, volume=volume, mapping=prepared.mapping, timer=timer, warnings=warnings,
                         probabilities=kept)
 

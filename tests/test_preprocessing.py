@@ -67,3 +67,20 @@ def test_window_intensity():
     values = prepare(volume, spec).image.numpy().ravel()
     assert values.min() == 0.0 and values.max() == 1.0
     assert np.isclose(values[1], 0.5)
+
+
+@pytest.mark.parametrize("spacing", [None, (3.0, 2.5, 4.0)])
+@pytest.mark.parametrize("classes", [1, 13, 40])
+def test_labels_to_source_in_class_chunks_equals_argmax_of_the_whole(spacing, classes):
+    """The memory-saving path (a few classes resampled at a time, running argmax) gives the same labels."""
+    phantom = make_phantom(10, orientation="ASL", spacing=(2.0, 2.0, 3.5))
+    spec = PreprocessingSpec(spacing=spacing, intensity=IntensitySpec(kind="none"))
+    prepared = prepare(_volume(phantom.image), spec)
+    torch.manual_seed(classes)
+    scores = torch.nn.functional.avg_pool3d(torch.randn(classes, *prepared.image.shape[1:]), 5, 1, 2)
+    probabilities = torch.softmax(scores * 20, dim=0)
+    probabilities[:, :2, :2, :2] = 1.0 / classes  # exact ties: both paths give the lowest class
+    whole = prepared.mapping.to_source(probabilities).argmax(0).numpy()
+    chunked = prepared.mapping.labels_to_source(probabilities, chunk=3).numpy()
+    assert chunked.shape == whole.shape == phantom.image.shape
+    np.testing.assert_array_equal(chunked, whole)

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product
@@ -309,14 +309,30 @@ def _stitch_one(
 def argmax_classes(scores: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """Argmax over the class axis (first) as a running maximum: one contiguous pass per class, about 4x
     faster than ``torch.argmax(dim=0)`` on the CPU; ties go to the lower class, as argmax does."""
-    best = scores[0].float().clone()
-    labels = torch.zeros(scores.shape[1:], dtype=dtype, device=scores.device)
-    better = torch.empty(scores.shape[1:], dtype=torch.bool, device=scores.device)
-    for k in range(1, scores.shape[0]):
-        candidate = scores[k].float()
-        torch.gt(candidate, best, out=better)
-        labels.masked_fill_(better, k)
-        torch.maximum(best, candidate, out=best)
+    return argmax_over_chunks([scores], dtype)
+
+
+def argmax_over_chunks(chunks: Iterable[torch.Tensor], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """:func:`argmax_classes` over classes that arrive in consecutive chunks ``(K_i, *S)``, so that all ``K``
+    never need to be in memory at once (e.g. resampled onto the source grid a few classes at a time)."""
+    best: torch.Tensor | None = None
+    labels = better = None
+    k = 0
+    for chunk in chunks:
+        for scores in chunk:
+            if best is None:
+                best = scores.float().clone()
+                labels = torch.zeros(best.shape, dtype=dtype, device=best.device)
+                better = torch.empty(best.shape, dtype=torch.bool, device=best.device)
+            else:
+                assert labels is not None and better is not None
+                candidate = scores.float()
+                torch.gt(candidate, best, out=better)
+                labels.masked_fill_(better, k)
+                torch.maximum(best, candidate, out=best)
+            k += 1
+    if labels is None:
+        raise ValueError("no classes to take the argmax of")
     return labels
 
 
