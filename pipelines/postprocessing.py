@@ -9,10 +9,14 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 
 
+def label_array_dtype(num_classes: int) -> type[np.unsignedinteger]:
+    """Label maps as written: uint8, uint16 past 256 classes."""
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
 def labels_from_probabilities(probabilities: torch.Tensor, num_classes: int) -> np.ndarray:
-    """Argmax over classes as uint8 (uint16 past 255 classes)."""
-    dtype = np.uint8 if num_classes <= 256 else np.uint16
-    return torch.argmax(probabilities, dim=0).numpy().astype(dtype)
+    """Argmax over classes as uint8 (uint16 past 256 classes)."""
+    return torch.argmax(probabilities, dim=0).numpy().astype(label_array_dtype(num_classes))
 
 
 def keep_largest_components(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:

@@ -51,12 +51,11 @@ class GridMapping:
     def labels_to_source(self, channels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """The argmax over classes of :meth:`to_source` (identical labels, ties to the lower class), resampling
         ``chunk`` classes at a time: memory grows with a few source-grid volumes, not classes x voxels."""
-        from pipelines.inference.sliding_window import argmax_over_chunks
+        from pipelines.inference.sliding_window import argmax_over_chunks, label_dtype
 
         classes = int(channels.shape[0])
-        dtype = torch.uint8 if classes <= 256 else torch.int16
         parts = (self.to_source(channels[start : start + chunk]) for start in range(0, classes, chunk))
-        return argmax_over_chunks(parts, dtype)
+        return argmax_over_chunks(parts, label_dtype(classes))
 
     def to_source(self, channels: torch.Tensor) -> torch.Tensor:
         """Channel-first model-space values (probabilities, logits) on the exact source grid."""

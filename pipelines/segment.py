@@ -23,7 +23,7 @@ from pipelines.errors import TesseraError
 from pipelines.inference import Predictor
 from pipelines.ingestion.reading import CaseVolume, ReadOptions, read_case
 from pipelines.outputs import DICOM_ONLY_FORMATS, OutputOptions
-from pipelines.postprocessing import keep_largest_components, labels_from_probabilities
+from pipelines.postprocessing import keep_largest_components, label_array_dtype, labels_from_probabilities
 from pipelines.preprocessing import GridMapping, prepare
 from pipelines.volume import Volume
 from pipelines.writers.nifti import write_mask, write_probabilities
@@ -89,7 +89,7 @@ def segment_volume(
             labels = labels_from_probabilities(on_source, manifest.num_classes)
         else:  # a few classes at a time: 100+ class models stay within memory on big source grids
             labels = prepared.mapping.labels_to_source(probabilities).numpy()
-            labels = labels.astype(np.uint8 if manifest.num_classes <= 256 else np.uint16)
+            labels = labels.astype(label_array_dtype(manifest.num_classes))
             on_source = None
     with timer.stage("postprocess"):
         if keep_largest and manifest.keep_largest_component:

@@ -207,6 +207,21 @@ class JobStore:
                               "ORDER BY created_at DESC LIMIT ? OFFSET ?", (owner, limit, offset)).fetchall()
         return [Job.from_row(row) for row in rows]
 
+    def queue_position(self, job: Job) -> int | None:
+        """Queued jobs ahead of ``job`` (``None`` unless it is queued)."""
+        if job.state != "queued":
+            return None
+        with self._connect() as db:
+            return int(db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND created_at < ?",
+                                  (job.created_at,)).fetchone()[0])
+
+    def deleted_ids(self) -> list[str]:
+        """Finished jobs whose owner asked for deletion while they ran: their files and rows can go."""
+        with self._connect() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE delete_requested = 1 AND state IN "
+                              "('succeeded', 'failed', 'cancelled')").fetchall()
+        return [row[0] for row in rows]
+
     def jobs_in(self, *states: str) -> list[Job]:
         marks = ", ".join("?" for _ in states)
         with self._connect() as db:

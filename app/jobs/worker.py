@@ -275,10 +275,8 @@ class WorkerPool:
         end = time.monotonic() + timeout
         for process in self.processes.values():
             process.join(max(end - time.monotonic(), 0.1))
-        for slot, process in self.processes.items():
-            if process.is_alive():
-                process.kill()
-                process.join()
+        for slot in self.processes:
+            self._kill(slot)
             for job in self._running_on(slot):
                 self.store.requeue(job.id, count_attempt=False)
         if self._monitor is not None:
@@ -287,11 +285,14 @@ class WorkerPool:
     def _running_on(self, slot: int) -> list[Job]:
         return [job for job in self.store.jobs_in("running") if job.worker == slot]
 
-    def _restart(self, slot: int) -> None:
+    def _kill(self, slot: int) -> None:
         process = self.processes[slot]
         if process.is_alive():
             process.kill()
         process.join()
+
+    def _restart(self, slot: int) -> None:
+        self._kill(slot)
         if not self._stopping.is_set():
             self._spawn(slot)
 
@@ -332,9 +333,7 @@ class WorkerPool:
                     self._restart_after(slot, job, "cancelled", None, None)
 
     def _restart_after(self, slot: int, job: Job, state: str, code: str | None, message: str | None) -> None:
-        process = self.processes[slot]
-        process.kill()
-        process.join()
+        self._kill(slot)  # first: a killed worker cannot write over the outcome
         self.store.finish(job.id, state, error_code=code, error_message=message)
         self._restart(slot)
 
@@ -348,11 +347,10 @@ class WorkerPool:
             self.store.requeue(job.id)
 
     def _sweep_deleted(self) -> None:
-        for job in self.store.jobs_in("succeeded", "failed", "cancelled"):
-            if job.delete_requested:
-                remove_job_files(self.settings, job.id)
-                self.store.delete(job.id)
-                self._cancel_seen.pop(job.id, None)
+        for job_id in self.store.deleted_ids():
+            remove_job_files(self.settings, job_id)
+            self.store.delete(job_id)
+            self._cancel_seen.pop(job_id, None)
 
     def sweep_expired(self) -> int:
         """Delete the files of jobs finished longer ago than the retention period; their records stay."""

@@ -40,6 +40,7 @@ from app.service.problems import (
 )
 from app.service.settings import ServiceSettings
 from app.service.uploads import StoredUpload, store_upload
+from models.manifest import ModelManifest
 from pipelines.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def _own_job(state: ServiceState, job_id: str, owner: str) -> Job:
     return job
 
 
-def _job_info(state: ServiceState, job: Job, queue: list[str] | None = None) -> schemas.JobInfo:
+def _job_info(state: ServiceState, job: Job) -> schemas.JobInfo:
     url = f"/v1/jobs/{job.id}"
     artifacts = []
     folder = result_dir(state.settings, job.id)
@@ -140,12 +141,12 @@ def _job_info(state: ServiceState, job: Job, queue: list[str] | None = None) -> 
         except OSError:
             continue
         artifacts.append(schemas.Artifact(name=name, url=f"{url}/artifacts/{name}", bytes=size))
-    position = queue.index(job.id) if queue and job.id in queue else None
     error = schemas.ErrorInfo(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return schemas.JobInfo(
         id=job.id, url=url, state=job.state, stage=job.stage, progress=round(job.progress, 4), model=job.model,
         formats=job.options.get("formats"), created_at=job.created_at, started_at=job.started_at,
-        finished_at=job.finished_at, queue_position=position, attempts=job.attempts, warnings=job.warnings,
+        finished_at=job.finished_at, queue_position=state.store.queue_position(job), attempts=job.attempts,
+        warnings=job.warnings,
         error=error, timings_s=job.timings, artifacts=artifacts, expired=job.purged_at is not None)
 
 
@@ -158,24 +159,27 @@ def _form_text(form: Any, name: str) -> str | None:
     return value.strip() or None
 
 
+def _models(settings: ServiceSettings) -> tuple[ModelManifest, dict[str, ModelManifest]]:
+    """The default model and every model a job may name (registered ones and the default, by name)."""
+    from models.registry import list_manifests, resolve_model
+
+    default = resolve_model(settings.default_model)  # may be a manifest path rather than a registered name
+    return default, {m.name: m for m in list_manifests()} | {default.name: default}
+
+
 def _job_options(state: ServiceState, form: Any, files: int) -> tuple[str, dict[str, Any]]:
     """The model and options of a new job from the form fields, checked before anything is stored."""
-    from models.registry import list_manifests, resolve_model
     from pipelines.outputs import OutputOptions
 
     unknown = sorted(set(form.keys()) - {"file", *_FORM_FIELDS})
     if unknown:
         raise ProblemError(422, "REQUEST_INVALID", f"unknown form field(s) {unknown}; known: file, "
                                                    f"{', '.join(_FORM_FIELDS)}")
-    default = resolve_model(state.settings.default_model)
-    name = _form_text(form, "model")
-    if name is None:
-        manifest = default
-    else:
-        registered = {m.name: m for m in list_manifests()} | {default.name: default}
-        if name not in registered:
-            raise ProblemError(422, "MODEL_NOT_FOUND", f"no model named {name[:64]!r}; see GET /v1/models")
-        manifest = registered[name]
+    default, registered = _models(state.settings)
+    name = _form_text(form, "model") or default.name
+    if name not in registered:
+        raise ProblemError(422, "MODEL_NOT_FOUND", f"no model named {name[:64]!r}; see GET /v1/models")
+    manifest = registered[name]
     formats_text = _form_text(form, "formats")
     formats = sorted({f.strip() for f in formats_text.split(",") if f.strip()}) if formats_text else None
     seg_type = _form_text(form, "seg_type") or "binary"
@@ -271,17 +275,14 @@ async def create_job(request: Request, owner: Owner) -> JSONResponse:
 def list_jobs(request: Request, owner: Owner, limit: Annotated[int, Query(ge=1, le=500)] = 50,
               offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> schemas.JobList:
     state = _state(request)
-    queue = [job.id for job in state.store.jobs_in("queued")]
-    return schemas.JobList(jobs=[_job_info(state, job, queue) for job in state.store.list_for(owner, limit, offset)])
+    return schemas.JobList(jobs=[_job_info(state, job) for job in state.store.list_for(owner, limit, offset)])
 
 
 @router.get("/jobs/{job_id}", response_model=schemas.JobInfo, summary="A job's state, progress and artifacts",
             responses=problem_responses(401, 404))
 def get_job(request: Request, job_id: str, owner: Owner) -> schemas.JobInfo:
     state = _state(request)
-    job = _own_job(state, job_id, owner)
-    queue = [j.id for j in state.store.jobs_in("queued")] if job.state == "queued" else None
-    return _job_info(state, job, queue)
+    return _job_info(state, _own_job(state, job_id, owner))
 
 
 @router.get("/jobs/{job_id}/artifacts/{name}", summary="Download a result file",
@@ -322,10 +323,7 @@ def delete_job(request: Request, job_id: str, owner: Owner) -> Response:
 @router.get("/models", response_model=schemas.ModelList, summary="Models jobs can name",
             responses=problem_responses(401))
 def list_models(request: Request, owner: Owner) -> schemas.ModelList:
-    from models.registry import list_manifests, resolve_model
-
-    default = resolve_model(_state(request).settings.default_model)
-    manifests = {m.name: m for m in list_manifests()} | {default.name: default}
+    default, manifests = _models(_state(request).settings)
     return schemas.ModelList(models=[
         schemas.ModelInfo(name=m.name, version=m.version, family=m.family, default=m.name == default.name,
                           channels=[c.name for c in m.channels],
@@ -341,7 +339,6 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         state.lock_data_dir()
         recover_data_dir(settings, state.store)
         state.pool.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import shutil
 import struct
 import zlib
@@ -12,8 +13,6 @@ from typing import BinaryIO
 
 from pipelines.errors import InputError
 from pipelines.ingestion.dicom.sources import check_zip_archive
-
-KINDS = ("nifti", "zip", "dicom")
 
 
 @dataclass(frozen=True)
@@ -34,29 +33,34 @@ def _head(path: Path, size: int = 544) -> tuple[bytes, bool]:
         raise InputError("UPLOAD_UNREADABLE", "a gzip-compressed upload could not be decompressed") from None
 
 
-def _is_nifti(head: bytes) -> bool:
+def _nifti_version(head: bytes) -> int | None:
+    """1 or 2 for a NIfTI header (either byte order), else ``None``."""
     if len(head) < 348:
-        return False
+        return None
     for order in "<>":
         size = struct.unpack(f"{order}i", head[:4])[0]
         if size == 348 and head[344:347] in (b"n+1", b"ni1"):
-            return True
+            return 1
         if size == 540 and head[4:7] in (b"n+2", b"ni2"):
-            return True
-    return False
+            return 2
+    return None
+
+
+def _kind(head: bytes, gzipped: bool) -> str:
+    if not gzipped and head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if _nifti_version(head):
+        return "nifti"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    raise InputError("UPLOAD_NOT_AN_IMAGE", "an uploaded file is neither NIfTI (.nii/.nii.gz), a zip of a DICOM "
+                                            "study nor a DICOM file")
 
 
 def sniff(path: Path) -> tuple[str, bool]:
     """(kind, gzipped) of an uploaded file from its first bytes; an unknown kind is a coded error."""
     head, gzipped = _head(path)
-    if not gzipped and head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return "zip", False
-    if _is_nifti(head):
-        return "nifti", gzipped
-    if head[128:132] == b"DICM":
-        return "dicom", gzipped
-    raise InputError("UPLOAD_NOT_AN_IMAGE", "an uploaded file is neither NIfTI (.nii/.nii.gz), a zip of a DICOM "
-                                            "study nor a DICOM file")
+    return _kind(head, gzipped), gzipped
 
 
 def store_upload(source: BinaryIO, folder: Path, index: int, zip_max_members: int, zip_max_bytes: int) -> StoredUpload:
@@ -64,33 +68,28 @@ def store_upload(source: BinaryIO, folder: Path, index: int, zip_max_members: in
     staging = folder / f"upload_{index:04d}"
     with staging.open("wb") as out:
         shutil.copyfileobj(source, out, 1024 * 1024)
-    kind, gzipped = sniff(staging)
+    head, gzipped = _head(staging)
+    kind = _kind(head, gzipped)
     if kind == "zip":
         check_zip_archive(staging, zip_max_members, zip_max_bytes)
         name = f"study_{index:04d}.zip"
     elif kind == "nifti":
+        _check_nifti_header(head)
         name = f"image_{index:04d}.nii" + (".gz" if gzipped else "")
-        _check_nifti_header(staging, gzipped)
     else:
         name = f"image_{index:04d}.dcm" + (".gz" if gzipped else "")
     staging.rename(folder / name)
     return StoredUpload(kind, name)
 
 
-def _check_nifti_header(path: Path, gzipped: bool) -> None:
+def _check_nifti_header(head: bytes) -> None:
+    """The header (already read to recognise the file) parses and describes a 3-D volume."""
     import nibabel as nib
 
+    header_class = nib.Nifti1Header if _nifti_version(head) == 1 else nib.Nifti2Header
     try:
-        with (gzip.open(path, "rb") if gzipped else path.open("rb")) as handle:
-            header = nib.Nifti1Header.from_fileobj(handle) if _is_nifti1(path, gzipped) else \
-                nib.Nifti2Header.from_fileobj(handle)
-        shape = header.get_data_shape()
+        shape = header_class.from_fileobj(io.BytesIO(head)).get_data_shape()
     except Exception as exc:  # nibabel raises many kinds; all mean the same to the client
         raise InputError("NIFTI_UNREADABLE", f"the NIfTI header could not be read ({type(exc).__name__})") from None
     if len(shape) < 3 or min(shape[:3]) < 1:
         raise InputError("NIFTI_NOT_3D", f"the NIfTI image has shape {tuple(shape)}; a 3-D volume is needed")
-
-
-def _is_nifti1(path: Path, gzipped: bool) -> bool:
-    head, _ = _head(path, 4)
-    return 348 in (struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0])

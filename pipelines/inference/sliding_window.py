@@ -45,6 +45,11 @@ FLOAT16_WEIGHT_SCALE = 64.0  # floor weight 0.064; headroom up to |logit| ~ 1000
 STREAM_ABOVE_BYTES = 512 * 2**20  # labels: keep the whole accumulator below this, stream slabs above it
 
 
+def label_dtype(classes: int) -> torch.dtype:
+    """Labels as uint8, int16 past 256 classes (torch has no uint16 arithmetic)."""
+    return torch.uint8 if classes <= 256 else torch.int16
+
+
 @dataclass(frozen=True)
 class StitchPlan:
     """How one call stitches, decided before the first forward and recorded in the run report."""
@@ -96,7 +101,7 @@ def plan_stitching(
     streaming = output == "labels" and image_size[0] > roi_size[0] and (
         whole_bytes > STREAM_ABOVE_BYTES or whole_bytes > budget // 2)
     depth_voxels = (roi_size[0] * voxels // image_size[0]) if streaming else voxels
-    label_bytes = voxels * (1 if classes <= 256 else 2) if output == "labels" else 0
+    label_bytes = voxels * label_dtype(classes).itemsize if output == "labels" else 0
 
     def need(item_size: int) -> int:
         weight_map = 0 if output == "labels" else voxels * 4
@@ -372,7 +377,7 @@ class _Stitcher:
         classes = plan.accumulator_shape[0]
         self.labels = None
         if plan.output == "labels":
-            self.labels = torch.empty((1, *size), dtype=torch.uint8 if classes <= 256 else torch.int16,
+            self.labels = torch.empty((1, *size), dtype=label_dtype(classes),
                                       device=plan.device)
         self.lo = 0  # first slice (axis 0) not yet finalised; the slab buffer starts there
         self.cupy = plan.kernels == "cupy" and self.accumulator.device.type == "cuda"
