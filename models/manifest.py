@@ -8,9 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.families import FAMILIES
 from pipelines.errors import ModelError
-
-FAMILIES = ("swin_unetr",)
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,20 @@
-"""Network factories: a manifest in, an ``nn.Module`` with its weights out."""
+"""Network factories: a manifest in, an ``nn.Module`` with its weights out (any family)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from models.checkpoints import load_into, read_state_dict, verify_weights
+from models.families import get_family
 from models.manifest import ModelManifest
-from models.swin_unetr import build_swin_unetr, check_roi
-from pipelines.errors import ModelError
 
 
 def build_network(manifest: ModelManifest) -> nn.Module:
-    """An untrained network of the manifest's family and shape."""
-    if manifest.family == "swin_unetr":
-        check_roi(manifest.inference.roi_size)
-        return build_swin_unetr(len(manifest.channels), manifest.num_classes, manifest.network)
-    raise ModelError("MANIFEST_INVALID", f"no network factory for family '{manifest.family}'")
+    """An untrained network of the manifest's family and shape; MANIFEST_INVALID for impossible settings."""
+    family = get_family(manifest.family)
+    roi = manifest.inference.roi_size
+    family.check_window(roi, manifest.network, "roi_size")
+    return family.build(len(manifest.channels), manifest.num_classes, manifest.network, roi)
 
 
 def load_network(manifest: ModelManifest) -> tuple[nn.Module, str]:

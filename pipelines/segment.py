@@ -175,6 +175,8 @@ def segment_case(
             written = _write_outputs(result, case_volume, predictor, outputs or OutputOptions(), formats, staging)
         if predictor.last_plan is not None:
             report["settings"]["stitch_plan"] = asdict(predictor.last_plan)
+        if predictor.last_runtime:
+            report["settings"]["network_runtime"] = predictor.last_runtime
         report.update(status="succeeded", warnings=result.warnings, geometry=_geometry(result), outputs=written,
                       label_voxels=_label_voxels(result.labels, predictor.manifest.label_names()))
         error: TesseraError | None = None

@@ -1,8 +1,10 @@
 """``tessera train``: an MSD-style dataset in, checkpoint + manifest out.
 
-Random crops (more often centred on a structure than not) through the same model-space mapping as
-inference, Dice-CE loss, AdamW with a cosine schedule; the checkpoint kept is the one with the best
-mean Dice on held-out cases, measured through the full segmentation pipeline on the source grid.
+Any family (``models.families``): random crops (more often centred on a structure than not) through the same
+model-space mapping as inference, the family's loss (Dice-CE, or CE + Dice + RS-Tversky with deep supervision)
+unless another is named, AdamW with a one-cycle schedule or the family's reference recipe; the checkpoint kept is
+the one with the best mean Dice on held-out cases, measured through the full segmentation pipeline on the source
+grid.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import monai
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
-from monai.losses import DiceCELoss
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -34,10 +35,11 @@ from monai.transforms import (
 from monai.utils import set_determinism
 
 from models.checkpoints import load_into, read_state_dict, save_state_dict
+from models.families import Family, TrainingRecipe, get_family
+from models.losses import build_loss
 from models.manifest import ModelManifest, file_sha256, manifest_from_dict
 from models.networks import build_network
-from models.swin_unetr import check_roi
-from pipelines.errors import InputError
+from pipelines.errors import InputError, UsageError
 from pipelines.evaluation import mean_dice, score_case
 from pipelines.inference import Predictor, resolve_device
 from pipelines.ingestion.nifti import read_nifti
@@ -71,6 +73,16 @@ class TrainingConfig:
     version: str = "1.0.0"
     init_weights: str | None = None  # start from these weights (fine-tuning, or continuing a run)
     save_fp16: bool = False  # store the kept checkpoint as float16
+    loss: str | None = None  # "dicece" or "compound"; None: the family's default
+    recipe: str = "default"  # "default": AdamW + one-cycle at learning_rate; "reference": the family's paper recipe
+
+    def training_recipe(self, family: Family) -> TrainingRecipe:
+        if self.recipe == "default":
+            return TrainingRecipe("adamw", self.learning_rate, self.weight_decay, "onecycle")
+        if self.recipe == "reference" and family.reference_recipe is not None:
+            return family.reference_recipe
+        raise UsageError("BAD_RECIPE", f"recipe must be 'default' or 'reference' (for a family that has one); "
+                                       f"{family.name} with {self.recipe!r} is not available")
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,7 @@ def read_msd_dataset(root: str | Path) -> MsdDataset:
 
 
 def _manifest_for(config: TrainingConfig, dataset: MsdDataset, colors: dict[int, tuple[int, int, int]]) -> dict:
+    network = get_family(config.family).resolve_settings(config.network, config.roi_size)
     return {
         "name": config.name,
         "version": config.version,
@@ -113,7 +126,7 @@ def _manifest_for(config: TrainingConfig, dataset: MsdDataset, colors: dict[int,
             {"value": v, "name": n, **({"color": list(colors[v])} if v in colors else {})}
             for v, n in sorted(dataset.labels.items())
         ],
-        "network": config.network,
+        "network": network,
         "preprocessing": {"orientation": "RAS", "spacing": list(config.spacing) if config.spacing else None,
                           "intensity": config.intensity},
         "inference": {"roi_size": list(config.roi_size), "overlap": 0.25, "mode": "gaussian", "sw_batch_size": 2},
@@ -157,8 +170,10 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     manifest_data = _manifest_for(config, dataset, colors or {})
     manifest = manifest_from_dict(manifest_data, manifest_path=out / "manifest.json")
-    if config.family == "swin_unetr":
-        check_roi(config.crop_size, what="training crop")
+    family = get_family(config.family)
+    family.check_window(config.crop_size, manifest.network, "training crop")
+    recipe = config.training_recipe(family)
+    loss_name = config.loss or family.default_loss
     n_val = min(config.validation_cases, max(len(dataset.training) - 1, 0))
     train_cases = dataset.training[: len(dataset.training) - n_val]
     val_cases = dataset.training[len(dataset.training) - n_val :]
@@ -168,11 +183,8 @@ def train(
         load_into(network, read_state_dict(Path(config.init_weights)), config.name)
     network = network.to(device)
     loader = _loader(manifest, train_cases, config)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.learning_rate, total_steps=config.iterations, pct_start=0.05
-    )
+    loss_fn = build_loss(loss_name)
+    optimizer, scheduler = _optimiser(network, recipe, config.iterations)
     validation = [(read_nifti(c["image"]), read_nifti(c["label"])) for c in val_cases]
     log_rows: list[dict[str, Any]] = []
     best = (-1.0, 0)
@@ -213,6 +225,8 @@ def train(
         "best_validation_mean_dice": None if np.isnan(best[0]) else round(best[0], 4),
         "best_iteration": best[1],
         "config": {k: v for k, v in config.__dict__.items() if k != "name"},
+        "loss": loss_name,
+        "recipe": recipe.__dict__,
         "seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
         "monai": monai.__version__,
@@ -221,6 +235,21 @@ def train(
     (out / "manifest.json").write_text(json.dumps(manifest_data, indent=2) + "\n")
     (out / "training_log.json").write_text(json.dumps(log_rows, indent=1) + "\n")
     return manifest_from_dict(manifest_data, manifest_path=out / "manifest.json")
+
+
+def _optimiser(
+    network: torch.nn.Module, recipe: TrainingRecipe, iterations: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimisers = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+    optimizer = optimisers[recipe.optimizer](network.parameters(), lr=recipe.learning_rate,
+                                             weight_decay=recipe.weight_decay)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    if recipe.schedule == "poly":
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=iterations, power=recipe.poly_exponent)
+    else:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.learning_rate, total_steps=iterations,
+                                                        pct_start=0.05)
+    return optimizer, scheduler
 
 
 def _validate(

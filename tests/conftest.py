@@ -50,6 +50,12 @@ def shared_data() -> Path:
     return path
 
 
+TINY_NETWORKS = {
+    "swin_unetr": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 2]},
+    "mamba_clinix": {"base_channels": 4, "max_channels": 16, "d_state": 4},
+}
+
+
 def write_tiny_model(
     folder: Path,
     *,
@@ -58,8 +64,9 @@ def write_tiny_model(
     roi: int = 64,
     seed: int = 0,
     channels: int = 1,
+    family: str = "swin_unetr",
 ) -> ModelManifest:
-    """A randomly initialised tiny Swin-UNETR with a manifest on the phantom labels (CT, CT2... channels)."""
+    """A randomly initialised tiny network of ``family`` with a manifest on the phantom labels (CT, CT2...)."""
     from models.manifest import manifest_from_dict
     from models.networks import build_network
 
@@ -67,10 +74,10 @@ def write_tiny_model(
     data = {
         "name": name,
         "version": "0.0.1",
-        "family": "swin_unetr",
+        "family": family,
         "channels": [{"name": "CT" if i == 0 else f"CT{i + 1}", "modality": "CT"} for i in range(channels)],
         "labels": [{"value": s.value, "name": s.name} for s in STRUCTURES],
-        "network": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 2]},
+        "network": TINY_NETWORKS[family],
         "preprocessing": {"orientation": "RAS", "spacing": list(spacing) if spacing else None,
                           "intensity": {"kind": "window", "a_min": -300, "a_max": 700}},
         "inference": {"roi_size": [roi, roi, roi], "overlap": 0.25, "sw_batch_size": 2},
@@ -97,6 +104,17 @@ def tiny_model_native(tmp_path_factory: pytest.TempPathFactory) -> ModelManifest
 
 
 @pytest.fixture(scope="session")
+def tiny_mamba(tmp_path_factory: pytest.TempPathFactory) -> ModelManifest:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_mamba"), name="tiny-mamba", family="mamba_clinix", roi=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba_native(tmp_path_factory: pytest.TempPathFactory) -> ModelManifest:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_mamba_native"), name="tiny-mamba-native",
+                            family="mamba_clinix", roi=32, spacing=None)
+
+
+@pytest.fixture(scope="session")
 def small_phantom_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two small coarse phantoms (image + label) as NIfTI files."""
     folder = tmp_path_factory.mktemp("phantoms")
@@ -116,4 +134,5 @@ def service_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tiny_model(root / "tiny")
     write_tiny_model(root / "tiny-native", name="tiny-native", spacing=None)
     write_tiny_model(root / "tiny-2ch", name="tiny-2ch", channels=2)
+    write_tiny_model(root / "tiny-mamba", name="tiny-mamba", family="mamba_clinix", roi=32)
     return root

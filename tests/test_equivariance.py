@@ -22,7 +22,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float((fg_a & fg_b & (a == b)).sum()) / max(float(fg_a.sum() + fg_b.sum()), 1.0)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_model_native", "tiny_model"])
+@pytest.mark.parametrize("fixture", ["tiny_model_native", "tiny_model", "tiny_mamba_native", "tiny_mamba"])
 @pytest.mark.parametrize("target", ["PIR", "LAI", "SRP"])
 def test_reoriented_input_gives_reoriented_mask(request, tmp_path, fixture, target):
     predictor = Predictor(request.getfixturevalue(fixture), device="cpu")
@@ -38,7 +38,7 @@ def test_reoriented_input_gives_reoriented_mask(request, tmp_path, fixture, targ
     assert mask_b.shape == permuted.spatial_shape
     expected = np.asarray(_reorient(nib.Nifti1Image(mask_a, original.affine), target).dataobj)
     assert np.any(mask_a > 0), "the model predicted nothing: the test would prove nothing"
-    if fixture == "tiny_model_native":
+    if fixture.endswith("_native"):
         np.testing.assert_array_equal(mask_b, expected)  # no resampling: exactly equal
     else:
         assert _dice(mask_b, expected) >= 0.99

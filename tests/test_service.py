@@ -84,11 +84,12 @@ def dicom_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _dicom_zip(tmp_path_factory.mktemp("dicom"), "study")
 
 
-def _cli_mask(server: Server, source: Path, out: Path) -> np.ndarray:
-    """The CLI's mask for the same input and model: what the service must reproduce."""
+def _cli_mask(server: Server, source: Path, out: Path, model: str | None = None) -> np.ndarray:
+    """The CLI's mask for the same input and model (the server's default unless named): what the service must
+    reproduce."""
     run = subprocess.run([sys.executable, "-m", "app.cli.main", "segment", str(source), "-o", str(out), "--model",
-                          server.model, "--device", "cpu", "--format", "nifti"], capture_output=True, text=True,
-                         cwd=ROOT, env=server.env, timeout=600)
+                          model or server.model, "--device", "cpu", "--format", "nifti"], capture_output=True,
+                         text=True, cwd=ROOT, env=server.env, timeout=600)
     assert run.returncode == 0, run.stderr
     (mask,) = out.glob("*/mask.nii.gz")
     return np.asarray(nib.load(mask).dataobj)
@@ -201,14 +202,26 @@ def test_one_file_per_channel_for_a_multichannel_model(server: Server, alice: ht
     job = wait_for(alice, response.json()["id"])
     assert job["state"] == "succeeded", job
     mask = _download_mask(alice, job, tmp_path / "mask.nii.gz")
-    server_model, server.model = server.model, "tiny-2ch"
-    try:
-        expected = _cli_mask(server, folder, tmp_path / "cli")
-    finally:
-        server.model = server_model
+    expected = _cli_mask(server, folder, tmp_path / "cli", model="tiny-2ch")
     np.testing.assert_array_equal(np.asarray(mask.dataobj), expected)
     _assert_problem(post_job(alice, folder / "case_0000.nii.gz", folder / "case_0001.nii.gz",
                              folder / "case_0001.nii.gz", model="tiny-2ch"), 422, "CHANNEL_COUNT_MISMATCH")
+
+
+def test_a_mamba_clinix_model_runs_as_a_job_like_the_cli(server: Server, alice: httpx.Client, dicom_zip: Path,
+                                                          tmp_path: Path) -> None:
+    """The second family needs nothing of its own in the service: a DICOM job with SEG, same mask as the CLI."""
+    response = post_job(alice, dicom_zip, model="tiny-mamba", formats="nifti,dicom-seg,stats")
+    assert response.status_code == 202, response.text
+    job = wait_for(alice, response.json()["id"])
+    assert job["state"] == "succeeded", job
+    assert {"mask.nii.gz", "seg.dcm", "stats.json"} <= {a["name"] for a in job["artifacts"]}
+    report = alice.get(f"{job['url']}/artifacts/report.json").json()
+    assert report["model"]["family"] == "mamba_clinix"
+    assert set(report["settings"]["network_runtime"]["scan_backends"]) <= {"sequential", "chunked"}
+    mask = _download_mask(alice, job, tmp_path / "mask.nii.gz")
+    expected = _cli_mask(server, dicom_zip, tmp_path / "cli", model="tiny-mamba")
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), expected)
 
 
 def test_a_key_sees_only_its_own_jobs(alice: httpx.Client, bob: httpx.Client, nifti_case: Path) -> None:

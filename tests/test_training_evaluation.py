@@ -95,3 +95,36 @@ def test_a_32_cube_crop_is_refused_before_training(tmp_path, tiny_dataset):
                   "--crop", "32")
     assert run.returncode == 1
     assert "MANIFEST_INVALID" in run.stderr and "bottleneck" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_train_the_mamba_clinix_family_with_its_reference_recipe(tmp_path, tiny_dataset):
+    out = tmp_path / "mamba"
+    run = tessera("train", str(tiny_dataset), "-o", str(out), "--name", "tiny-mamba", "--family", "mamba_clinix",
+                  "--base-channels", "4", "--max-channels", "16", "--gating", "mul", "--scan-directions",
+                  "forward,reversed", "--recipe", "reference", "--iterations", "2", "--validate-every", "2",
+                  "--validation-cases", "1", "--crop", "32", "--roi", "32", "--spacing", "5", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    manifest = load_manifest(out / "manifest.json")
+    assert manifest.family == "mamba_clinix"
+    assert manifest.network == {"base_channels": 4, "max_channels": 16, "gating": "mul",
+                                "scan_directions": ["forward", "reversed"], "stages": 4}
+    assert manifest.training["loss"] == "compound"
+    assert manifest.training["recipe"] == {"optimizer": "adam", "learning_rate": 1e-4, "weight_decay": 1e-5,
+                                           "schedule": "poly", "poly_exponent": 0.9}
+    segmented = tessera("segment", str(tiny_dataset / "imagesTr" / "p0.nii.gz"), "-o", str(tmp_path / "seg"),
+                        "--model", str(out / "manifest.json"))
+    assert segmented.returncode == 0, segmented.stderr
+    report = json.loads((tmp_path / "seg" / "p0" / "report.json").read_text())
+    assert report["model"]["family"] == "mamba_clinix" and report["settings"]["network_runtime"]["scan_backends"]
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (["--family", "mamba_clinix", "--crop", "36,32,32", "--roi", "32"], 1, "(36, 32, 32)"),
+    (["--family", "mamba_clinix", "--base-channels", "6", "--crop", "32", "--roi", "32"], 1, "does not divide"),
+    (["--recipe", "reference"], 2, "BAD_RECIPE"),
+])
+def test_impossible_training_settings_fail_before_training(tmp_path, tiny_dataset, args, code, words):
+    run = tessera("train", str(tiny_dataset), "-o", str(tmp_path / "m"), "--name", "x", "--iterations", "1", *args)
+    assert run.returncode == code, run.stderr
+    assert words in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "m" / "model.pt").exists()

@@ -48,11 +48,12 @@ def _dataset_label_names(dataset: str) -> dict[str, str]:
 
 
 def train(args: argparse.Namespace) -> int:
+    from models.families import get_family
     from pipelines.phantoms import STRUCTURES
     from pipelines.training import TrainingConfig
     from pipelines.training import train as run_training
 
-    network: dict = {"feature_size": args.feature_size, "use_v2": bool(args.v2), "depths": args.depths}
+    network = get_family(args.family).network_from_args(args)
     intensity = {"kind": "window", "a_min": -300.0, "a_max": 700.0, "b_min": 0.0, "b_max": 1.0}
     if args.window:
         intensity.update(a_min=args.window[0], a_max=args.window[1])
@@ -60,7 +61,8 @@ def train(args: argparse.Namespace) -> int:
         name=args.name, iterations=args.iterations, batch_size=args.batch_size, crop_size=args.crop,
         learning_rate=args.lr, validate_every=args.validate_every, validation_cases=args.validation_cases,
         seed=args.seed, device=args.device, network=network, spacing=args.spacing, intensity=intensity,
-        roi_size=args.roi, init_weights=args.init, save_fp16=args.save_fp16,
+        roi_size=args.roi, init_weights=args.init, save_fp16=args.save_fp16, family=args.family, loss=args.loss,
+        recipe=args.recipe,
     )
     # Display colours for labels the phantom generator knows by name; other datasets get viewer defaults.
     colors = {s.value: s.color for s in STRUCTURES}

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from app.cli import commands
+from models.families import FAMILIES, LOSSES, all_families
 from pipelines.errors import TesseraError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -105,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--crop", type=_int_triple, default=(64, 64, 32), help="training crop, e.g. 64,64,32")
     trn.add_argument("--roi", type=_int_triple, default=(64, 64, 64), help="inference window, e.g. 96")
     trn.add_argument("--spacing", type=_triple, default=(2.5, 2.5, 2.5), help="model spacing in mm")
-    trn.add_argument("--feature-size", type=int, default=12)
-    trn.add_argument("--depths", type=_int_list, default=[1, 1, 1, 1], help="Swin depths per stage, e.g. 2,2,2,2")
-    trn.add_argument("--v2", action="store_true", help="Swin-UNETR v2 (residual conv blocks per stage)")
+    trn.add_argument("--family", choices=FAMILIES, default="swin_unetr", help="segmenter family (default swin_unetr)")
+    trn.add_argument("--loss", choices=LOSSES, default=None,
+                     help="dicece, or compound (CE + Dice + 0.8 RS-Tversky); default: the family's")
+    trn.add_argument("--recipe", choices=("default", "reference"), default="default",
+                     help="default: AdamW + one-cycle at --lr; reference: the family's published recipe")
     trn.add_argument("--lr", type=float, default=1e-3)
     trn.add_argument("--validate-every", type=int, default=100)
     trn.add_argument("--validation-cases", type=int, default=2)
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--init", default=None, help="start from this checkpoint (same network settings)")
     trn.add_argument("--save-fp16", action="store_true", help="store the weights as float16 (half the size)")
     trn.add_argument("--device", default="auto")
+    for family in all_families():
+        family.add_train_arguments(trn.add_argument_group(f"{family.title} network ({family.name})"))
     trn.set_defaults(handler=commands.train)
 
     ev = sub.add_parser("evaluate", help="Dice and HD95 of predicted masks against reference labels")

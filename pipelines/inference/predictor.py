@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from monai.data import MetaTensor
 
+from models.families import get_family
 from models.manifest import ModelManifest
 from models.networks import load_network
 from pipelines.errors import UsageError
@@ -47,6 +48,7 @@ class Predictor:
         spec = manifest.inference
         self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
         self.last_plan: StitchPlan | None = None
+        self.last_runtime: dict = {}
 
     @classmethod
     def default_cpu(cls) -> Predictor:
@@ -67,6 +69,7 @@ class Predictor:
         spec = manifest.inference
         self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
         self.last_plan = None
+        self.last_runtime = {}
         return self
 
     @torch.no_grad()
@@ -83,6 +86,8 @@ class Predictor:
             )
         was_training = self.network.training
         self.network.eval()
+        family = get_family(self.manifest.family)
+        family.runtime_info()  # start counting afresh for this volume
         batch = image[None].to(self.device)
         if isinstance(batch, MetaTensor):
             batch = batch.as_tensor()
@@ -98,6 +103,7 @@ class Predictor:
             progress=progress if callable(progress) else (self._window_bar() if progress else None),
         )
         self.last_plan = sliding_window_inference.last_plan  # type: ignore[attr-defined]
+        self.last_runtime = family.runtime_info()  # e.g. which scan backend ran
         self.network.train(was_training)
         return probabilities[0].cpu()
 

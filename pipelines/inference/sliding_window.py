@@ -29,7 +29,7 @@ from functools import lru_cache
 from itertools import product
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 

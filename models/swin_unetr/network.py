@@ -35,12 +35,3 @@ def build_swin_unetr(in_channels: int, out_channels: int, settings: dict[str, An
     if feature_size % 12:
         raise ModelError("MANIFEST_INVALID", f"Swin-UNETR feature_size must be a multiple of 12, got {feature_size}")
     return SwinUNETR(in_channels=in_channels, out_channels=out_channels, spatial_dims=3, **kwargs)
-
-
-def check_roi(roi_size: tuple[int, int, int], what: str = "roi_size") -> None:
-    """Swin-UNETR halves the grid five times: sides divisible by 32, and a bottleneck of more than 1 voxel
-    (at 32^3 it is 1^3 and instance normalisation fails while training)."""
-    if any(side % 32 for side in roi_size):
-        raise ModelError("MANIFEST_INVALID", f"Swin-UNETR {what} sides must be multiples of 32, got {tuple(roi_size)}")
-    if all(side == 32 for side in roi_size):
-        raise ModelError("MANIFEST_INVALID", f"Swin-UNETR {what} of 32^3 leaves a 1^3 bottleneck; use 64 on one side")
