@@ -401,3 +401,77 @@ def write_localizer(
     path = out / file_name
     _save(ds, path, gzip_file=file_name.endswith(".gz"))
     return path
+
+
+# PET: what SUVbw needs, as a scanner writes it (Units BQML, decay corrected to the series start).
+PET_HALF_LIFE_S = 6586.2  # F-18
+PET_DOSE_BQ = 3.7e8
+PET_WEIGHT_KG = 75.0
+PET_UPTAKE_S = 3600.0  # injection at 11:00, series at 12:00
+
+
+def write_pet_series(
+    suv: np.ndarray,
+    affine_ras: np.ndarray,
+    out_dir: str | Path,
+    *,
+    series_number: int = 2,
+    series_description: str = "Tessera phantom PET",
+    decay_information: bool = True,
+    **kw: object,
+) -> list[Path]:
+    """Write SUV values as a PET Image Storage series in Bq/mL (Units BQML, DecayCorrection START), with the
+    patient weight and radiopharmaceutical information that SUVbw needs, so that reading it back gives ``suv``
+    again (to the storage's 16-bit precision). ``decay_information=False`` leaves out the injection time and
+    half-life (a PET whose values must stay in Bq/mL). Other keywords as for :func:`write_ct_series` (share
+    ``study_uid`` and ``frame_of_reference_uid`` with a CT to make one PET/CT study)."""
+    decay = 2.0 ** (-PET_UPTAKE_S / PET_HALF_LIFE_S)
+    bq_ml = np.asarray(suv, np.float64) * PET_DOSE_BQ * decay / (PET_WEIGHT_KG * 1000.0)
+    slope = max(float(bq_ml.max()), 1.0) / 32000.0
+    stored = np.round(bq_ml / slope).astype(np.int16)
+    paths = write_ct_series(stored, affine_ras, out_dir, series_number=series_number,
+                            series_description=series_description, **kw)  # type: ignore[arg-type]
+    from pydicom import dcmread
+    from pydicom.uid import PositronEmissionTomographyImageStorage
+
+    for path in paths:
+        ds = dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = PositronEmissionTomographyImageStorage
+        ds.Modality = "PT"
+        for keyword in ("KVP", "RescaleType"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.RescaleSlope = _ds(slope)
+        ds.RescaleIntercept = "0"
+        ds.Units = "BQML"
+        ds.DecayCorrection = "START"
+        ds.CorrectedImage = ["DECY", "ATTN"]
+        ds.SeriesType = ["STATIC", "IMAGE"]
+        ds.PatientWeight = _ds(PET_WEIGHT_KG)
+        ds.WindowCenter, ds.WindowWidth = _ds(float(bq_ml.max()) / 4), _ds(float(bq_ml.max()) / 2)
+        item = Dataset()
+        item.Radiopharmaceutical = "Fluorodeoxyglucose F^18^"
+        item.RadionuclideTotalDose = _ds(PET_DOSE_BQ)
+        if decay_information:
+            item.RadionuclideHalfLife = _ds(PET_HALF_LIFE_S)
+            item.RadiopharmaceuticalStartTime = "110000"
+        ds.RadiopharmaceuticalInformationSequence = [item]
+        ds.save_as(path, enforce_file_format=True)
+    return paths
+
+
+def write_hnc_study(seed: int, out_dir: str | Path, *, uid_seed: str | int | None = None,
+                    decay_information: bool = True, with_pet: bool = True) -> list[Path]:
+    """A head-and-neck PET/CT phantom (:func:`pipelines.phantoms_hnc.make_hnc_phantom`) as one DICOM study:
+    CT series 1 and PET series 2 sharing the study and frame of reference, each on its own grid."""
+    from pipelines.phantoms_hnc import make_hnc_phantom
+
+    phantom = make_hnc_phantom(seed)
+    uids = {"study_uid": _uid(uid_seed, "hnc-study", seed), "frame_of_reference_uid": _uid(uid_seed, "hnc-for", seed)}
+    out = Path(out_dir)
+    paths = write_ct_series(np.asarray(phantom.ct.dataobj), phantom.ct.affine, out / "CT", series_number=1,
+                            series_description="Tessera phantom CT", uid_seed=uid_seed, **uids)
+    if with_pet:
+        paths += write_pet_series(np.asarray(phantom.pet.dataobj), phantom.pet.affine, out / "PT",
+                                  decay_information=decay_information, uid_seed=uid_seed, **uids)
+    return paths

@@ -90,7 +90,7 @@ class MsdDataset:
     root: Path
     labels: dict[int, str]
     modalities: list[str]
-    training: list[dict[str, Path]]
+    training: list[dict[str, Any]]  # {"image": Path or [Path per channel], "label": Path}
 
 
 def read_msd_dataset(root: str | Path) -> MsdDataset:
@@ -104,14 +104,23 @@ def read_msd_dataset(root: str | Path) -> MsdDataset:
         raise InputError("DATASET_INVALID", f"{path}: not valid JSON ({exc})") from exc
     labels = {int(k): str(v) for k, v in meta.get("labels", {}).items() if int(k) != 0}
     modalities = [str(meta.get("modality", {}).get(str(i), "unknown")) for i in range(len(meta.get("modality", {})))]
-    pairs = [{"image": (root / item["image"]).resolve(), "label": (root / item["label"]).resolve()}
+    pairs = [{"image": _paths(root, item["image"]), "label": (root / item["label"]).resolve()}
              for item in meta.get("training", [])]
-    missing = [p for pair in pairs for p in pair.values() if not p.is_file()]
+    missing = [p for pair in pairs for p in (*_as_list(pair["image"]), pair["label"]) if not p.is_file()]
     if missing:
         raise InputError("DATASET_INVALID", f"{root}: {len(missing)} listed files are missing (e.g. {missing[0]})")
     if not labels or not pairs:
         raise InputError("DATASET_INVALID", f"{path}: needs 'labels' and a non-empty 'training' list")
     return MsdDataset(root=root, labels=labels, modalities=modalities or ["unknown"], training=pairs)
+
+
+def _paths(root: Path, image: str | list[str]) -> Path | list[Path]:
+    """An MSD image entry: one file, or one file per channel (nnU-Net's ``<case>_0000``, ``_0001``...)."""
+    return [(root / p).resolve() for p in image] if isinstance(image, list) else (root / image).resolve()
+
+
+def _as_list(image: Path | list[Path]) -> list[Path]:
+    return image if isinstance(image, list) else [image]
 
 
 def _manifest_for(config: TrainingConfig, dataset: MsdDataset, colors: dict[int, tuple[int, int, int]]) -> dict:
@@ -174,6 +183,9 @@ def train(
     family.check_window(config.crop_size, manifest.network, "training crop")
     recipe = config.training_recipe(family)
     loss_name = config.loss or family.default_loss
+    if len(dataset.modalities) > 1 or any(isinstance(c["image"], list) for c in dataset.training):
+        raise InputError("DATASET_INVALID", f"{dataset.root}: training on several input channels "
+                                            f"({', '.join(dataset.modalities)}) is not supported yet")
     n_val = min(config.validation_cases, max(len(dataset.training) - 1, 0))
     train_cases = dataset.training[: len(dataset.training) - n_val]
     val_cases = dataset.training[len(dataset.training) - n_val :]
