@@ -59,12 +59,15 @@ def test_dicom_study_reads_back_as_two_channels_with_suv(tmp_path):
     write_hnc_study(5, tmp_path / "study", uid_seed=1)
     phantom = make_hnc_phantom(5)
     case = read_case([tmp_path / "study"], CHANNELS, "hnc")
-    assert case.volume.array.shape == (2, *phantom.ct.shape)
-    np.testing.assert_array_equal(case.volume.array[0], np.asarray(phantom.ct.dataobj))
+    assert sorted(case.volume.array.shape[1:]) == sorted(phantom.ct.shape)
+    read_ct = nib.as_closest_canonical(nib.Nifti1Image(case.volume.array[0], case.volume.affine))
+    written_ct = nib.as_closest_canonical(phantom.ct)
+    np.testing.assert_array_equal(np.asarray(read_ct.dataobj), np.asarray(written_ct.dataobj))
+    np.testing.assert_allclose(read_ct.affine, written_ct.affine, atol=1e-4)
     roles = [c["role"] for c in case.provenance["channels"]]
     assert roles == ["CT", "PET"]
     pet_on_ct = case.volume.array[1]
-    assert 0.0 <= pet_on_ct.min() and 3.0 < pet_on_ct.max() < 30.0  # SUV, not Bq/mL
+    assert pet_on_ct.min() >= 0.0 and 3.0 < pet_on_ct.max() < 30.0  # SUV, not Bq/mL
     assert not any("SUV" in w for w in case.warnings)
 
 
@@ -73,3 +76,15 @@ def test_pet_without_decay_information_keeps_its_units_with_a_warning(tmp_path):
     case = read_case([tmp_path / "study"], CHANNELS, "hnc")
     assert case.volume.array[1].max() > 100.0  # Bq/mL
     assert any("SUV" in w for w in case.warnings)
+
+
+def test_training_on_several_channels_is_refused_with_a_code_for_now(tmp_path):
+    import pytest
+
+    from pipelines.errors import InputError
+    from pipelines.training import TrainingConfig, train
+
+    root = write_hnc_dataset(tmp_path / "hnc", n_train=2, n_test=0)
+    with pytest.raises(InputError) as info:
+        train(root, tmp_path / "model", TrainingConfig(name="x", iterations=1))
+    assert info.value.code == "DATASET_INVALID" and "CT, PT" in info.value.message
