@@ -126,7 +126,8 @@ def write_hnc_dataset(out_dir: str | Path, n_train: int = 16, n_test: int = 4, f
     root = Path(out_dir)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    training, test = [], []
+    training: list[dict[str, object]] = []
+    test: list[dict[str, object]] = []
     for index in range(n_train + n_test):
         seed = first_seed + index
         split = "Tr" if index < n_train else "Ts"
