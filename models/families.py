@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 FAMILY_PACKAGES: dict[str, str] = {
     "swin_unetr": "models.swin_unetr",
     "mamba_clinix": "models.mamba_clinix",
+    "diffusion": "models.diffusion",
 }
 FAMILIES = tuple(FAMILY_PACKAGES)
 LOSSES = ("dicece", "compound")  # models.losses builds them
@@ -60,6 +61,11 @@ class Family:
     reference_recipe: TrainingRecipe | None = None
     # what ran inside the network, for the run report (e.g. which scan backend)
     runtime_info: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    # how it predicts a volume: None is one forward per sliding window; a family with its own way (a sampler
+    # over the whole volume) gives (predictor, model-space input (C, *spatial), window progress) -> Prediction
+    predict: Callable[[Any, Any, Any], Any] | None = None
+    # (network, image batch, label batch, the named loss, network settings) -> loss; None: loss(network(image), label)
+    training_loss: Callable[[Any, Any, Any, Any, dict[str, Any]], Any] | None = None
 
 
 def get_family(name: str) -> Family:

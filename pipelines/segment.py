@@ -26,7 +26,7 @@ from pipelines.outputs import DICOM_ONLY_FORMATS, OutputOptions
 from pipelines.postprocessing import keep_largest_components, label_array_dtype, labels_from_probabilities
 from pipelines.preprocessing import GridMapping, prepare
 from pipelines.volume import Volume
-from pipelines.writers.nifti import write_mask, write_probabilities
+from pipelines.writers.nifti import write_float_maps, write_mask, write_probabilities
 from pipelines.writers.report import label_table, software_versions, write_json
 from pipelines.writers.seg import OutputError
 
@@ -63,6 +63,7 @@ class Segmentation:
     timer: StageTimer
     warnings: list[str] = field(default_factory=list)
     probabilities: np.ndarray | None = None  # (K, *grid) on the source grid, when asked for
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # a family's extra maps (n, *grid), e.g. uncertainty
 
 
 def segment_volume(
@@ -82,7 +83,9 @@ def segment_volume(
         prepared = prepare(volume, manifest.preprocessing)
     with timer.stage("predict"):
         windows = _window_progress(progress) if callable(progress) else progress
-        probabilities = predictor.probabilities(prepared.image, progress=windows)
+        prediction = predictor.predict(prepared.image, progress=windows)
+        probabilities = prediction.probabilities
+        warnings += prediction.details.get("warnings", [])
     with timer.stage("to_source_grid"):
         if keep_probabilities:
             on_source = prepared.mapping.to_source(probabilities)
@@ -91,6 +94,8 @@ def segment_volume(
             labels = prepared.mapping.labels_to_source(probabilities).numpy()
             labels = labels.astype(label_array_dtype(manifest.num_classes))
             on_source = None
+        maps = {name: prepared.mapping.to_source(values).numpy().astype(np.float32)
+                for name, values in prediction.maps.items()}
     with timer.stage("postprocess"):
         if keep_largest and manifest.keep_largest_component:
             labels = keep_largest_components(labels, manifest.keep_largest_component)
@@ -98,7 +103,7 @@ def segment_volume(
         raise AssertionError(f"mask shape {labels.shape} != source shape {volume.spatial_shape}")
     kept = on_source.numpy().astype(np.float32) if on_source is not None else None
     return Segmentation(labels=labels, volume=volume, mapping=prepared.mapping, timer=timer, warnings=warnings,
-                        probabilities=kept)
+                        probabilities=kept, maps=maps)
 
 
 def _window_progress(progress: ProgressCallback) -> Callable[[int, int], None]:
@@ -213,6 +218,9 @@ def _write_outputs(
     if "nifti" in formats:
         write_mask(result.labels, volume, folder / MASK_NAME)
         written.append(MASK_NAME)
+    for name, values in result.maps.items():  # e.g. uncertainty: a family's extra maps, always written
+        write_float_maps(values, volume, folder / f"{name}.nii.gz", description=f"tessera {name}")
+        written.append(f"{name}.nii.gz")
     if "probabilities" in formats and result.probabilities is not None:
         write_probabilities(result.probabilities, volume, folder / "probabilities.nii.gz")
         written.append("probabilities.nii.gz")

@@ -207,7 +207,10 @@ def train(
             network.train()
             image = batch["image"].to(device)
             label = batch["label"].to(device)
-            loss = loss_fn(network(image), label)
+            if family.training_loss is not None:
+                loss = family.training_loss(network, image, label, loss_fn, manifest.network)
+            else:
+                loss = loss_fn(network(image), label)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -117,3 +117,20 @@ def test_entropy_and_settings_checks():
         SamplerSettings(steps=0)
     with pytest.raises(ValueError, match="prediction_type"):
         SamplerSettings(prediction_type="v")
+
+
+def test_diffusion_manifest_settings_are_checked_up_front():
+    from models.diffusion.predict import sampler_settings
+    from models.diffusion.settings import check_window, settings_with_defaults
+    from pipelines.errors import ModelError
+
+    for bad, words in (({"channels": [12, 16]}, "multiple of norm_num_groups"), ({"steps": 0}, "steps"),
+                       ({"prediction_type": "v"}, "prediction_type"), ({"depth": 2}, "depth")):
+        with pytest.raises(ModelError, match=words):
+            settings_with_defaults(bad)
+    with pytest.raises(ModelError, match=r"\(32, 32, 30\)"):
+        check_window((32, 32, 30), {"channels": [8, 16, 32]}, "roi_size")
+    settings, warnings = sampler_settings({}, torch.device("cpu"))
+    assert (settings.steps, settings.members) == (10, 3) and warnings[0].startswith("DIFFUSION_CPU_BUDGET")
+    settings, warnings = sampler_settings({}, torch.device("cuda"))
+    assert (settings.steps, settings.members) == (50, 5) and warnings == []

@@ -128,3 +128,30 @@ def test_impossible_training_settings_fail_before_training(tmp_path, tiny_datase
     assert run.returncode == code, run.stderr
     assert words in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "m" / "model.pt").exists()
+
+
+def test_train_and_segment_with_the_diffusion_family(tmp_path, tiny_dataset):
+    """DDPM training through the same trainer, and the sampler through the same pipeline: a mask, the
+    uncertainty maps on the source grid and the sampler settings in the report."""
+    out = tmp_path / "diffusion"
+    run = tessera("train", str(tiny_dataset), "-o", str(out), "--name", "tiny-diffusion", "--family", "diffusion",
+                  "--unet-channels", "8,16", "--prediction", "sample", "--sampling-steps", "2", "--members", "2",
+                  "--iterations", "2", "--validate-every", "2", "--validation-cases", "1", "--crop", "32",
+                  "--roi", "32", "--spacing", "5", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    manifest = load_manifest(out / "manifest.json")
+    assert manifest.family == "diffusion" and manifest.network["prediction_type"] == "sample"
+    source = tiny_dataset / "imagesTr" / "p0.nii.gz"
+    segmented = tessera("segment", str(source), "-o", str(tmp_path / "seg"), "--model", str(out / "manifest.json"))
+    assert segmented.returncode == 0, segmented.stderr
+    case = tmp_path / "seg" / "p0"
+    uncertainty = nib.load(case / "uncertainty.nii.gz")
+    assert uncertainty.shape == (*nib.load(source).shape, 2 * 5)  # std and entropy per foreground class
+    np.testing.assert_allclose(uncertainty.affine, nib.load(source).affine, atol=1e-6)
+    values = np.asarray(uncertainty.dataobj)
+    assert values.min() >= 0 and values[..., :5].max() <= 0.5 and values[..., 5:].max() <= 1.0
+    report = json.loads((case / "report.json").read_text())
+    runtime = report["settings"]["network_runtime"]
+    assert runtime["sampler"]["steps"] == 2 and runtime["sampler"]["members"] == 2 and runtime["forwards"] > 0
+    assert runtime["uncertainty_channels"][0] == "std_liver"
+    assert "uncertainty.nii.gz" in report["outputs"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from monai.data import MetaTensor
@@ -34,6 +35,23 @@ class WindowSettings:
     overlap: float
     mode: str
     sw_batch_size: int
+
+
+@dataclass
+class Prediction:
+    """What a family's prediction gives for one volume, in model space (all on the CPU).
+
+    ``probabilities``: (K, *spatial), background first; ``maps``: extra per-voxel maps a family makes, each
+    (n, *spatial), e.g. ``uncertainty``; ``details``: what the report should say of how it was made (sampler
+    settings, seeds, forwards).
+    """
+
+    probabilities: torch.Tensor
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+WindowProgress = bool | Callable[[int, int], None]
 
 
 class Predictor:
@@ -72,18 +90,41 @@ class Predictor:
         self.last_runtime = {}
         return self
 
-    @torch.no_grad()
-    def probabilities(self, image: torch.Tensor, progress: bool | Callable[[int, int], None] = False) -> torch.Tensor:
-        """Softmax class probabilities ``(K, *spatial)`` on the CPU for a ``(C, *spatial)`` input.
+    def predict(self, image: torch.Tensor, progress: WindowProgress = False) -> Prediction:
+        """The family's prediction for a ``(C, *spatial)`` model-space input: one forward per window (the
+        default), or the family's own way (a sampler over the whole volume)."""
+        family = get_family(self.manifest.family)
+        if family.predict is None:
+            return Prediction(self.probabilities(image, progress))
+        self._check_channels(image)
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            prediction: Prediction = family.predict(self, image, self._progress(progress))
+        finally:
+            self.network.train(was_training)
+        self.last_runtime = {**family.runtime_info(), **prediction.details}
+        return prediction
 
-        ``progress``: a terminal bar over the windows, or a callback given (windows done, windows in all).
-        """
+    def _check_channels(self, image: torch.Tensor) -> None:
         expected = len(self.manifest.channels)
         if image.shape[0] != expected:
             raise UsageError(
                 "CHANNEL_COUNT_MISMATCH",
                 f"model '{self.manifest.name}' takes {expected} channel(s), the input has {image.shape[0]}",
             )
+
+    def _progress(self, progress: WindowProgress) -> Callable[[int, int], None] | None:
+        return progress if callable(progress) else (self._window_bar() if progress else None)
+
+    @torch.no_grad()
+    def probabilities(self, image: torch.Tensor, progress: WindowProgress = False) -> torch.Tensor:
+        """Softmax class probabilities ``(K, *spatial)`` on the CPU for a ``(C, *spatial)`` input, one forward
+        per window.
+
+        ``progress``: a terminal bar over the windows, or a callback given (windows done, windows in all).
+        """
+        self._check_channels(image)
         was_training = self.network.training
         self.network.eval()
         family = get_family(self.manifest.family)
@@ -100,7 +141,7 @@ class Predictor:
             mode=self.window.mode,
             output="probabilities",
             amp=self.amp,
-            progress=progress if callable(progress) else (self._window_bar() if progress else None),
+            progress=self._progress(progress),
         )
         self.last_plan = sliding_window_inference.last_plan  # type: ignore[attr-defined]
         self.last_runtime = family.runtime_info()  # e.g. which scan backend ran

@@ -58,3 +58,16 @@ def write_probabilities(probabilities: np.ndarray, volume: Volume, path: str | P
     path = Path(path)
     nib.save(image, str(path))
     return path
+
+
+def write_float_maps(maps: np.ndarray, volume: Volume, path: str | Path, description: str = "tessera maps") -> Path:
+    """Per-voxel float maps ``(n, *grid)`` on the source grid as float32 NIfTI (4-D ``(*grid, n)`` when n > 1)."""
+    data = np.moveaxis(np.asarray(maps, np.float32), 0, -1)
+    data = data[..., 0] if data.shape[-1] == 1 else data
+    image = nib.Nifti1Image(np.ascontiguousarray(data), volume.affine)
+    image.set_qform(volume.affine, code=1)
+    image.set_sform(volume.affine, code=1)
+    image.header["descrip"] = description.encode()[:79]
+    path = Path(path)
+    nib.save(image, str(path))
+    return path

@@ -1,0 +1,62 @@
+"""How the diffusion family predicts a volume: an ensemble sampled with global noise, mean and uncertainty."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from models.diffusion.sampler import SamplerSettings, WindowPlan, sample_masks
+from models.diffusion.settings import settings_with_defaults
+from pipelines.inference.predictor import Prediction
+
+log = logging.getLogger(__name__)
+
+
+def sampler_settings(settings: dict[str, Any], device: torch.device) -> tuple[SamplerSettings, list[str]]:
+    """The manifest's sampler settings; on the CPU its smaller budget, with a warning that says so."""
+    s = settings_with_defaults(settings)
+    warnings = []
+    steps, members = int(s["steps"]), int(s["members"])
+    if device.type == "cpu":
+        steps, members = min(steps, int(s["cpu_steps"])), min(members, int(s["cpu_members"]))
+        if (steps, members) != (int(s["steps"]), int(s["members"])):
+            warnings.append(f"DIFFUSION_CPU_BUDGET: sampling on the CPU with {steps} DDIM steps and {members} "
+                            f"members instead of the model's {s['steps']} and {s['members']}; a GPU runs the full "
+                            f"sampler")
+    sampler = SamplerSettings(steps=steps, members=members, eta=float(s["eta"]), seed=int(s["seed"]),
+                              prediction_type=str(s["prediction_type"]), train_steps=int(s["train_steps"]),
+                              beta_start=float(s["beta_start"]), beta_end=float(s["beta_end"]))
+    return sampler, warnings
+
+
+def predict_by_sampling(predictor: Any, image: torch.Tensor,
+                        progress: Callable[[int, int], None] | None) -> Prediction:
+    manifest = predictor.manifest
+    settings, warnings = sampler_settings(manifest.network, predictor.device)
+    for warning in warnings:
+        log.warning("%s", warning)
+    network = predictor.network
+    device = predictor.device
+
+    def denoise(batch: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return network(batch.to(device), timesteps.to(device))
+
+    window = predictor.window
+    condition = torch.as_tensor(image, dtype=torch.float32).to(device)
+    with torch.no_grad():
+        result = sample_masks(denoise, condition, manifest.num_classes - 1,
+                              WindowPlan(window.roi_size, window.overlap, window.mode, window.sw_batch_size),
+                              settings, progress)
+    foreground = result.mean.cpu()
+    background = 1 - foreground.max(0).values  # argmax picks a class exactly where its mean is over 0.5
+    names = [label.name for label in sorted(manifest.labels, key=lambda lbl: lbl.value)]
+    return Prediction(
+        probabilities=torch.cat([background[None], foreground]),
+        maps={"uncertainty": torch.cat([result.std, result.entropy]).cpu()},
+        details={"sampler": asdict(settings), "forwards": result.forwards, "warnings": warnings,
+                 "uncertainty_channels": [f"std_{n}" for n in names] + [f"entropy_{n}" for n in names]},
+    )
