@@ -469,11 +469,11 @@ def write_hnc_study(seed: int, out_dir: str | Path, *, uid_seed: str | int | Non
     phantom = make_hnc_phantom(seed)
     study, frame = _uid(uid_seed, "hnc-study", seed), _uid(uid_seed, "hnc-for", seed)
     out = Path(out_dir)
-    paths = write_ct_series(np.asarray(phantom.ct.dataobj), phantom.ct.affine, out / "CT", series_number=1,
+    paths = write_ct_series(np.asarray(phantom.ct.dataobj), phantom.ct.affine, out, series_number=1,
                             series_description="Tessera phantom CT", uid_seed=uid_seed, study_uid=study,
                             frame_of_reference_uid=frame)
     if with_pet:
-        paths += write_pet_series(np.asarray(phantom.pet.dataobj), phantom.pet.affine, out / "PT",
+        paths += write_pet_series(np.asarray(phantom.pet.dataobj), phantom.pet.affine, out,
                                   decay_information=decay_information, uid_seed=uid_seed, study_uid=study,
                                   frame_of_reference_uid=frame)
     return paths

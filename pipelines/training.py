@@ -21,7 +21,7 @@ from typing import Any
 import monai
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import CacheDataset, DataLoader, MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -43,8 +43,10 @@ from pipelines.errors import InputError, UsageError
 from pipelines.evaluation import mean_dice, score_case
 from pipelines.inference import Predictor, resolve_device
 from pipelines.ingestion.nifti import read_nifti
+from pipelines.ingestion.reading import read_case
 from pipelines.preprocessing import training_transforms
 from pipelines.segment import segment_volume
+from pipelines.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +146,30 @@ def _manifest_for(config: TrainingConfig, dataset: MsdDataset, colors: dict[int,
     }
 
 
-def _loader(manifest: ModelManifest, cases: list[dict[str, Path]], config: TrainingConfig) -> DataLoader:
+def _case_image(case: dict[str, Any], manifest: ModelManifest) -> Volume:
+    """A training case's image as inference reads it: one file per channel, resampled onto the first's grid."""
+    return read_case(_as_list(case["image"]), manifest.channels, Path(_as_list(case["image"])[0]).name).volume
+
+
+def _multichannel_items(manifest: ModelManifest, cases: list[dict[str, Any]]) -> list[dict[str, MetaTensor]]:
+    items = []
+    for case in cases:
+        image, label = _case_image(case, manifest), read_nifti(case["label"])
+        if label.spatial_shape != image.spatial_shape or not np.allclose(label.affine, image.affine, atol=1e-3):
+            raise InputError("DATASET_INVALID", f"{case['label']}: the label is not on the first channel's grid")
+        affine = torch.as_tensor(image.affine)
+        items.append({"image": MetaTensor(torch.as_tensor(image.array, dtype=torch.float32), affine=affine),
+                      "label": MetaTensor(torch.as_tensor(label.array[None], dtype=torch.float32), affine=affine)})
+    return items
+
+
+def _loader(manifest: ModelManifest, cases: list[dict[str, Any]], config: TrainingConfig) -> DataLoader:
     keys = ("image", "label")
+    several = any(isinstance(case["image"], list) for case in cases)
+    # one file per case: MONAI loads it; one file per channel: read like inference (channels on one grid)
+    loading = [] if several else [LoadImaged(keys=keys, image_only=False), EnsureChannelFirstd(keys=keys)]
     transforms = Compose([
-        LoadImaged(keys=keys, image_only=False),
-        EnsureChannelFirstd(keys=keys),
+        *loading,
         *training_transforms(manifest.preprocessing, keys),
         SpatialPadd(keys=keys, spatial_size=config.crop_size),
         EnsureTyped(keys=keys, track_meta=False),
@@ -159,7 +180,8 @@ def _loader(manifest: ModelManifest, cases: list[dict[str, Path]], config: Train
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
     ])
-    items = [{k: str(v) for k, v in case.items()} for case in cases]
+    items: list[Any] = _multichannel_items(manifest, cases) if several else \
+        [{k: str(v) for k, v in case.items()} for case in cases]
     cached = CacheDataset(items, transform=Compose([transforms, random]), cache_rate=1.0, num_workers=0,
                           progress=False)
     return DataLoader(cached, batch_size=1, shuffle=True, num_workers=0)
@@ -183,9 +205,6 @@ def train(
     family.check_window(config.crop_size, manifest.network, "training crop")
     recipe = config.training_recipe(family)
     loss_name = config.loss or family.default_loss
-    if len(dataset.modalities) > 1 or any(isinstance(c["image"], list) for c in dataset.training):
-        raise InputError("DATASET_INVALID", f"{dataset.root}: training on several input channels "
-                                            f"({', '.join(dataset.modalities)}) is not supported yet")
     n_val = min(config.validation_cases, max(len(dataset.training) - 1, 0))
     train_cases = dataset.training[: len(dataset.training) - n_val]
     val_cases = dataset.training[len(dataset.training) - n_val :]
@@ -197,7 +216,7 @@ def train(
     loader = _loader(manifest, train_cases, config)
     loss_fn = build_loss(loss_name)
     optimizer, scheduler = _optimiser(network, recipe, config.iterations)
-    validation = [(read_nifti(c["image"]), read_nifti(c["label"])) for c in val_cases]
+    validation = [(_case_image(c, manifest), read_nifti(c["label"])) for c in val_cases]
     log_rows: list[dict[str, Any]] = []
     best = (-1.0, 0)
     started = time.perf_counter()
@@ -236,7 +255,7 @@ def train(
     manifest_data["training"] = {
         "dataset": dataset.root.name,
         "training_cases": len(train_cases),
-        "validation_cases": [Path(c["image"]).name for c in val_cases],
+        "validation_cases": [Path(_as_list(c["image"])[0]).name for c in val_cases],
         "best_validation_mean_dice": None if np.isnan(best[0]) else round(best[0], 4),
         "best_iteration": best[1],
         "config": {k: v for k, v in config.__dict__.items() if k != "name"},

@@ -78,13 +78,35 @@ def test_pet_without_decay_information_keeps_its_units_with_a_warning(tmp_path):
     assert any("SUV" in w for w in case.warnings)
 
 
-def test_training_on_several_channels_is_refused_with_a_code_for_now(tmp_path):
+def test_a_pet_ct_model_trains_on_channel_files_and_segments_the_dicom_study(tmp_path):
+    """One file per channel in training (PET resampled onto the CT as at inference); the DICOM study in."""
+    from tests.conftest import run_tessera
+
+    root = write_hnc_dataset(tmp_path / "hnc", n_train=3, n_test=0)
+    out = tmp_path / "model"
+    run = run_tessera("train", str(root), "-o", str(out), "--name", "tiny-petct", "--family", "mamba_clinix",
+                      "--base-channels", "4", "--max-channels", "16", "--intensity", "zscore", "--iterations", "2",
+                      "--validate-every", "2", "--validation-cases", "1", "--crop", "32", "--roi", "32",
+                      "--spacing", "5", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [c["modality"] for c in manifest["channels"]] == ["CT", "PT"]
+    assert manifest["training"]["validation_cases"] == ["hnc_002_0000.nii.gz"]
+    write_hnc_study(7, tmp_path / "study", uid_seed=3)
+    segmented = run_tessera("segment", str(tmp_path / "study"), "-o", str(tmp_path / "seg"), "--model",
+                            str(out / "manifest.json"), "--format", "nifti,dicom-seg")
+    assert segmented.returncode == 0, segmented.stderr
+    report = json.loads((tmp_path / "seg" / "study" / "report.json").read_text())
+    assert [c["role"] for c in report["input_provenance"]["channels"]] == ["CT", "PT"]
+    assert (tmp_path / "seg" / "study" / "seg.dcm").is_file()
+
+
+def test_a_study_without_pet_fails_naming_the_missing_modality(tmp_path):
     import pytest
 
     from pipelines.errors import InputError
-    from pipelines.training import TrainingConfig, train
 
-    root = write_hnc_dataset(tmp_path / "hnc", n_train=2, n_test=0)
+    write_hnc_study(8, tmp_path / "study", uid_seed=4, with_pet=False)
     with pytest.raises(InputError) as info:
-        train(root, tmp_path / "model", TrainingConfig(name="x", iterations=1))
-    assert info.value.code == "DATASET_INVALID" and "CT, PT" in info.value.message
+        read_case([tmp_path / "study"], CHANNELS, "hnc")
+    assert info.value.code == "MODALITY_MISMATCH" and "needs PT" in info.value.message

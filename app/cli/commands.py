@@ -57,6 +57,8 @@ def train(args: argparse.Namespace) -> int:
     intensity = {"kind": "window", "a_min": -300.0, "a_max": 700.0, "b_min": 0.0, "b_max": 1.0}
     if args.window:
         intensity.update(a_min=args.window[0], a_max=args.window[1])
+    if args.intensity != "window":
+        intensity = {"kind": args.intensity}
     config = TrainingConfig(
         name=args.name, iterations=args.iterations, batch_size=args.batch_size, crop_size=args.crop,
         learning_rate=args.lr, validate_every=args.validate_every, validation_cases=args.validation_cases,

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--validate-every", type=int, default=100)
     trn.add_argument("--validation-cases", type=int, default=2)
     trn.add_argument("--window", type=_triple, default=None, help="HU window low,high (default -300,700)")
+    trn.add_argument("--intensity", choices=("window", "zscore", "none"), default="window",
+                     help="window (CT HU, default), or zscore per channel (e.g. PET + CT)")
     trn.add_argument("--seed", type=int, default=0)
     trn.add_argument("--init", default=None, help="start from this checkpoint (same network settings)")
     trn.add_argument("--save-fp16", action="store_true", help="store the weights as float16 (half the size)")
