@@ -102,8 +102,10 @@ def make_hnc_phantom(seed: int, ct_spacing: tuple[float, float, float] = (2.5, 2
     pet = np.clip(pet * (1 + rng.normal(0, 0.08, pet.shape)), 0, None).astype(np.float32)
     code_ct = CT_ORIENTATIONS[seed % len(CT_ORIENTATIONS)]
     code_pet = PET_ORIENTATIONS[seed % len(PET_ORIENTATIONS)]
-    return HncPhantom(ct=_to_nifti(np.round(ct).astype(np.int16), ct_affine, code_ct),
-                      pet=_to_nifti(pet, pet_affine, code_pet),
+    pet_image = _to_nifti(np.round(pet * 1000).astype(np.int16), pet_affine, code_pet)
+    pet_image.header.set_slope_inter(0.001, 0.0)  # SUV in 0.001 steps: a third of a float32 file
+    pet_image = nib.Nifti1Image.from_bytes(pet_image.to_bytes())  # dataobj now applies the slope, as on disk
+    return HncPhantom(ct=_to_nifti(np.round(ct).astype(np.int16), ct_affine, code_ct), pet=pet_image,
                       label=_to_nifti(labels, ct_affine, code_ct))
 
 

@@ -110,3 +110,18 @@ def test_a_study_without_pet_fails_naming_the_missing_modality(tmp_path):
     with pytest.raises(InputError) as info:
         read_case([tmp_path / "study"], CHANNELS, "hnc")
     assert info.value.code == "MODALITY_MISMATCH" and "needs PT" in info.value.message
+
+
+def test_committed_pet_ct_sample_data_match_the_generator():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "sample_data" / "hnc"
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["numTraining"] == len(meta["training"]) == 16 and meta["numTest"] == 4
+    fresh = make_hnc_phantom(16)
+    for channel, image, tolerance in (("0000", fresh.ct, 0.0), ("0001", fresh.pet, 1e-3)):  # PET: 0.001 SUV steps
+        stored = nib.load(root / "imagesTs" / f"hnc_016_{channel}.nii.gz")
+        np.testing.assert_allclose(np.asarray(stored.dataobj), np.asarray(image.dataobj), atol=tolerance, rtol=0)
+        np.testing.assert_allclose(stored.affine, image.affine)
+    np.testing.assert_array_equal(np.asarray(nib.load(root / "labelsTs" / "hnc_016.nii.gz").dataobj),
+                                  np.asarray(fresh.label.dataobj))

@@ -173,8 +173,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def sample_data(args: argparse.Namespace) -> int:
     from pipelines.phantoms import write_dataset
+    from pipelines.phantoms_hnc import write_hnc_dataset
 
-    root = write_dataset(args.output, n_train=args.train, n_test=args.test, first_seed=args.first_seed)
+    writer = write_hnc_dataset if args.kind == "hnc" else write_dataset
+    root = writer(args.output, n_train=args.train, n_test=args.test, first_seed=args.first_seed)
     log.info("wrote %d training and %d test phantoms to %s", args.train, args.test, root)
     return 0
 

@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--train", type=int, default=20)
     gen.add_argument("--test", type=int, default=4)
     gen.add_argument("--first-seed", type=int, default=0)
+    gen.add_argument("--kind", choices=("ct", "hnc"), default="ct",
+                     help="ct: abdominal CT phantoms (default); hnc: head-and-neck PET/CT with GTVp/GTVn")
     gen.set_defaults(handler=commands.sample_data)
 
     srv = sub.add_parser("serve", help="run the REST service (FastAPI on uvicorn) with its job workers")
