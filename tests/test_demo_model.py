@@ -56,8 +56,11 @@ def test_mamba_demo_through_dicom_with_seg_stats_and_preview(tmp_path):
     report = json.loads((case / "report.json").read_text())
     assert report["model"]["family"] == "mamba_clinix"
     assert report["settings"]["network_runtime"]["scan_backends"]
-    mask = np.asarray(nib.load(case / "mask.nii.gz").dataobj)
+    # the DICOM reader indexes [column, row, slice]: compare with the phantom's labels in one (canonical) layout
+    mask = nib.as_closest_canonical(nib.load(case / "mask.nii.gz"))
+    truth = nib.as_closest_canonical(phantom.label)
+    np.testing.assert_allclose(mask.affine, truth.affine, atol=1e-3)
     manifest = resolve_model(MAMBA_DEMO)
-    scores = score_case(mask, np.asarray(phantom.label.dataobj, dtype=np.uint8), manifest.label_names(),
-                        (2.0, 2.0, 3.0))
+    scores = score_case(np.asarray(mask.dataobj, dtype=np.uint8), np.asarray(truth.dataobj, dtype=np.uint8),
+                        manifest.label_names(), (2.0, 2.0, 3.0))
     assert mean_dice(scores) > 0.9, scores
