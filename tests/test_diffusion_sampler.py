@@ -134,3 +134,16 @@ def test_diffusion_manifest_settings_are_checked_up_front():
     assert (settings.steps, settings.members) == (10, 3) and warnings[0].startswith("DIFFUSION_CPU_BUDGET")
     settings, warnings = sampler_settings({}, torch.device("cuda"))
     assert (settings.steps, settings.members) == (50, 5) and warnings == []
+
+
+def test_boundary_uncertainty_reads_the_spread_on_the_predicted_surface():
+    from models.diffusion.predict import boundary_uncertainty
+
+    masks = torch.zeros(2, 10, 10, 10, dtype=torch.bool)
+    masks[0, 3:7, 3:7, 3:7] = True
+    std = torch.zeros(2, 10, 10, 10)
+    std[0, 3:7, 3:7, 3:7] = 0.2
+    std[0, 4:6, 4:6, 4:6] = 0.0  # the core is certain, the surface is not
+    score = boundary_uncertainty(masks, std)
+    band = 6**3 - 2**3  # voxels within one voxel of the surface: dilated cube minus eroded cube
+    assert score[0] == pytest.approx(0.2 * (4**3 - 2**3) / band, abs=1e-6) and score[1] is None

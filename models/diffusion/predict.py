@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.diffusion.sampler import SamplerSettings, WindowPlan, sample_masks
@@ -54,9 +55,27 @@ def predict_by_sampling(predictor: Any, image: torch.Tensor,
     foreground = result.mean.cpu()
     background = 1 - foreground.max(0).values  # argmax picks a class exactly where its mean is over 0.5
     names = [label.name for label in sorted(manifest.labels, key=lambda lbl: lbl.value)]
+    score = boundary_uncertainty(foreground >= 0.5, result.std.cpu())
     return Prediction(
         probabilities=torch.cat([background[None], foreground]),
         maps={"uncertainty": torch.cat([result.std, result.entropy]).cpu()},
         details={"sampler": asdict(settings), "forwards": result.forwards, "warnings": warnings,
-                 "uncertainty_channels": [f"std_{n}" for n in names] + [f"entropy_{n}" for n in names]},
+                 "uncertainty_channels": [f"std_{n}" for n in names] + [f"entropy_{n}" for n in names],
+                 "boundary_uncertainty": {name: value for name, value in zip(names, score, strict=True)}},
     )
+
+
+def boundary_uncertainty(masks: torch.Tensor, std: torch.Tensor) -> list[float | None]:
+    """Per class, the mean across-member standard deviation on the predicted boundary (the voxels within one
+    voxel of the mask's surface, inside or out): a case-level score; ``None`` where nothing was predicted."""
+    from scipy import ndimage
+
+    scores: list[float | None] = []
+    for mask, spread in zip(masks.numpy(), std.numpy(), strict=True):
+        if not mask.any():
+            scores.append(None)
+            continue
+        cube = np.ones((3, 3, 3), bool)
+        band = ndimage.binary_dilation(mask, cube) & ~ndimage.binary_erosion(mask, cube)
+        scores.append(round(float(spread[band].mean()), 6))
+    return scores
