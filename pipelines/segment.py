@@ -225,10 +225,14 @@ def _write_outputs(
         write_probabilities(result.probabilities, volume, folder / "probabilities.nii.gz")
         written.append("probabilities.nii.gz")
     if "stats" in formats:
-        from pipelines.writers.statistics import label_statistics, write_statistics
+        from pipelines.writers.statistics import label_statistics, uncertainty_by_label, write_statistics
 
-        write_statistics(label_statistics(result.labels, volume, manifest.label_names()),
-                         folder / "stats.json", folder / "stats.csv")
+        names = manifest.label_names()
+        extra = None
+        if "uncertainty" in result.maps:  # channels: std per foreground class, then entropy per class
+            extra = uncertainty_by_label(result.labels, result.maps["uncertainty"], sorted(names))
+        write_statistics(label_statistics(result.labels, volume, names), folder / "stats.json", folder / "stats.csv",
+                         extra=extra)
         written += ["stats.json", "stats.csv"]
     if "preview" in formats:
         from pipelines.writers.preview import render_preview

@@ -134,6 +134,8 @@ def test_diffusion_manifest_settings_are_checked_up_front():
     assert (settings.steps, settings.members) == (10, 3) and warnings[0].startswith("DIFFUSION_CPU_BUDGET")
     settings, warnings = sampler_settings({}, torch.device("cuda"))
     assert (settings.steps, settings.members) == (50, 5) and warnings == []
+    settings, warnings = sampler_settings({}, torch.device("cpu"), {"steps": 4, "seed": 9})
+    assert (settings.steps, settings.members, settings.seed) == (4, 5, 9) and warnings == []
 
 
 def test_boundary_uncertainty_reads_the_spread_on_the_predicted_surface():

@@ -155,3 +155,11 @@ def test_train_and_segment_with_the_diffusion_family(tmp_path, tiny_dataset):
     assert runtime["sampler"]["steps"] == 2 and runtime["sampler"]["members"] == 2 and runtime["forwards"] > 0
     assert runtime["uncertainty_channels"][0] == "std_liver"
     assert "uncertainty.nii.gz" in report["outputs"]
+    stats = json.loads((case / "stats.json").read_text())["labels"]
+    assert all("uncertainty_mean" in label for label in stats)
+    assert set(runtime["boundary_uncertainty"]) == {"liver", "spleen", "kidney_left", "kidney_right", "spine"}
+    again = tessera("segment", str(source), "-o", str(tmp_path / "seg2"), "--model", str(out / "manifest.json"),
+                    "--steps", "1", "--members", "3", "--seed", "4", "--format", "nifti")
+    assert again.returncode == 0, again.stderr
+    sampler = json.loads((tmp_path / "seg2" / "p0" / "report.json").read_text())["settings"]["network_runtime"]
+    assert (sampler["sampler"]["steps"], sampler["sampler"]["members"], sampler["sampler"]["seed"]) == (1, 3, 4)

@@ -107,6 +107,8 @@ def segment(args: argparse.Namespace) -> int:
         if isinstance(handler, _TqdmHandler) and not args.verbose:
             handler.setLevel(logging.INFO)
     predictor = Predictor(manifest, device=args.device, amp=args.amp)
+    predictor.sampling = {k: v for k, v in (("steps", args.steps), ("members", args.members), ("seed", args.seed))
+                          if v is not None}
     log.info("model %s %s on %s; %d case(s) -> %s", manifest.name, manifest.version, predictor.device,
              len(cases), output)
     counts = {"succeeded": 0, "failed": 0, "skipped": 0}

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="redo cases that already succeeded")
     seg.add_argument("--no-keep-largest", action="store_true", help="skip keep-largest-component")
     seg.add_argument("--amp", action="store_true", help="mixed precision forward on CUDA")
+    sampling = seg.add_argument_group("sampling families (diffusion)")
+    sampling.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's, CPU budget)")
+    sampling.add_argument("--members", type=int, default=None, help="ensemble members (default: the model's)")
+    sampling.add_argument("--seed", type=int, default=None, help="sampling seed (default: the model's; recorded)")
     seg.add_argument("--format", default=None,
                      help="comma-separated outputs: nifti, dicom-seg, rtstruct, probabilities, stats, preview "
                           "(default: nifti,stats,preview, plus dicom-seg for DICOM input)")

@@ -17,12 +17,17 @@ from pipelines.inference.predictor import Prediction
 log = logging.getLogger(__name__)
 
 
-def sampler_settings(settings: dict[str, Any], device: torch.device) -> tuple[SamplerSettings, list[str]]:
-    """The manifest's sampler settings; on the CPU its smaller budget, with a warning that says so."""
+def sampler_settings(settings: dict[str, Any], device: torch.device,
+                     run: dict[str, int] | None = None) -> tuple[SamplerSettings, list[str]]:
+    """The manifest's sampler settings, or the run's steps / members / seed where given; on the CPU the
+    manifest's smaller budget unless the run says otherwise, with a warning that says so."""
     s = settings_with_defaults(settings)
+    run = run or {}
     warnings = []
-    steps, members = int(s["steps"]), int(s["members"])
-    if device.type == "cpu":
+    steps, members = int(run.get("steps", s["steps"])), int(run.get("members", s["members"]))
+    if "seed" in run:
+        s["seed"] = int(run["seed"])
+    if device.type == "cpu" and not {"steps", "members"} & set(run):
         steps, members = min(steps, int(s["cpu_steps"])), min(members, int(s["cpu_members"]))
         if (steps, members) != (int(s["steps"]), int(s["members"])):
             warnings.append(f"DIFFUSION_CPU_BUDGET: sampling on the CPU with {steps} DDIM steps and {members} "
@@ -37,7 +42,7 @@ def sampler_settings(settings: dict[str, Any], device: torch.device) -> tuple[Sa
 def predict_by_sampling(predictor: Any, image: torch.Tensor,
                         progress: Callable[[int, int], None] | None) -> Prediction:
     manifest = predictor.manifest
-    settings, warnings = sampler_settings(manifest.network, predictor.device)
+    settings, warnings = sampler_settings(manifest.network, predictor.device, getattr(predictor, "sampling", {}))
     for warning in warnings:
         log.warning("%s", warning)
     network = predictor.network

@@ -67,6 +67,7 @@ class Predictor:
         self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
         self.last_plan: StitchPlan | None = None
         self.last_runtime: dict = {}
+        self.sampling: dict[str, int] = {}  # per-run steps / members / seed for families that sample
 
     @classmethod
     def default_cpu(cls) -> Predictor:
@@ -88,6 +89,7 @@ class Predictor:
         self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
         self.last_plan = None
         self.last_runtime = {}
+        self.sampling = {}
         return self
 
     def predict(self, image: torch.Tensor, progress: WindowProgress = False) -> Prediction:

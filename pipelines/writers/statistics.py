@@ -289,13 +289,16 @@ def _plain(value: Any) -> Any:
 
 
 def write_statistics(
-    stats: Sequence[LabelStatistics], json_path: str | Path, csv_path: str | Path
+    stats: Sequence[LabelStatistics], json_path: str | Path, csv_path: str | Path,
+    extra: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> tuple[Path, Path]:
-    """``json_path``: a header (units, spacing, voxel volume) and one record per label; ``csv_path``: flat rows."""
+    """``json_path``: a header (units, spacing, voxel volume) and one record per label; ``csv_path``: flat rows.
+    ``extra``: more fields per label value (e.g. ``uncertainty_mean`` from a sampling family)."""
     json_path, csv_path = Path(json_path), Path(csv_path)
-    document = {**statistics_header(stats), "labels": [label_record(s) for s in stats]}
+    more = extra or {}
+    document = {**statistics_header(stats), "labels": [{**label_record(s), **more.get(s.value, {})} for s in stats]}
     json_path.write_text(json.dumps(document, indent=2) + "\n")
-    rows = [flat_record(s) for s in stats]
+    rows = [{**flat_record(s), **more.get(s.value, {})} for s in stats]
     columns = list(rows[0]) if rows else list(flat_record(_placeholder()))
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -308,3 +311,14 @@ def write_statistics(
 def _placeholder() -> LabelStatistics:
     return LabelStatistics(value=0, name="", voxel_count=0, volume_ml=0.0, spacing_mm=(0.0, 0.0, 0.0),
                            voxel_volume_ml=0.0, **_EMPTY)
+
+
+def uncertainty_by_label(labels: np.ndarray, spread: np.ndarray, values: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Per label value v, the mean of ``spread[v - 1]`` (that class's across-member standard deviation) over the
+    label's voxels; None where the label is empty."""
+    result: dict[int, dict[str, Any]] = {}
+    for value in values:
+        inside = labels == value
+        mean = float(spread[value - 1][inside].mean()) if inside.any() else None
+        result[value] = {"uncertainty_mean": None if mean is None else round(mean, 6)}
+    return result
