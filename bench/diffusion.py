@@ -23,6 +23,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit  # noqa: E402
 
 from models.manifest import Channel, file_sha256, load_manifest, manifest_from_dict  # noqa: E402
 from models.networks import build_network  # noqa: E402
@@ -71,10 +74,7 @@ def main() -> None:
         "windows_per_step": runtime["forwards"] // (sampler["steps"] * sampler["members"]),
         "seconds": round(seconds, 2), "stage_seconds": result.timer.seconds, "warnings": result.warnings,
     }
-    text = json.dumps(row, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(row, args.output)
 
 
 if __name__ == "__main__":

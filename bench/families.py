@@ -23,6 +23,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit  # noqa: E402
 
 from models.manifest import manifest_from_dict  # noqa: E402
 from models.networks import build_network  # noqa: E402
@@ -82,10 +85,7 @@ def main() -> None:
         rows.append(row)
     result = {"benchmark": "segmenter families: size and one-window CPU forward", "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.platform(), "rows": rows}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit  # noqa: E402
 
 from models.mamba_clinix.reference import mamba_reference  # noqa: E402
 from models.mamba_clinix.scan import cuda_kernel, selective_scan  # noqa: E402
@@ -126,10 +129,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.platform(), "processor": platform.processor(), "cases": cases,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":
