@@ -238,8 +238,10 @@ def _write_outputs(
         from pipelines.writers.preview import render_preview
 
         legend = [(lbl.value, lbl.name, lbl.color) for lbl in manifest.labels]
+        spread = result.maps.get("uncertainty")
         render_preview(volume, result.labels, legend, folder / "preview.png",
-                       title=f"{volume.metadata.case_id} - {manifest.name} {manifest.version}")
+                       title=f"{volume.metadata.case_id} - {manifest.name} {manifest.version}",
+                       uncertainty=None if spread is None else spread[: spread.shape[0] // 2].max(0))
         written.append("preview.png")
     if "dicom-seg" in formats and case_volume.dicom_source is not None:
         from pipelines.writers.seg import SegAlgorithm, write_dicom_seg

@@ -390,3 +390,18 @@ def test_display_window() -> None:
     low, high = _display_window(hounsfield, "MR")
     assert (low, high) == pytest.approx(tuple(np.percentile(hounsfield, [1, 99])))
     assert _display_window(np.zeros(10, np.float32), "PT") == (0.0, 1.0)
+
+
+def test_preview_gains_an_uncertainty_row(phantom_case, tmp_path: Path) -> None:
+    volume, labels = phantom_case
+    from scipy import ndimage
+
+    # spread on the structures' boundaries, as a sampling family gives it
+    boundary = ndimage.binary_dilation(labels > 0, iterations=1) & ~ndimage.binary_erosion(labels > 0, iterations=1)
+    spread = ndimage.gaussian_filter(boundary.astype(np.float32), 1.0) * 0.3
+    plain = _read_png(render_preview(volume, labels, LEGEND, tmp_path / "plain.png"))
+    with_spread = _read_png(render_preview(volume, labels, LEGEND, tmp_path / "spread.png", uncertainty=spread))
+    assert with_spread.shape[0] > 1.6 * plain.shape[0]  # a second row of panels
+    lower = with_spread[with_spread.shape[0] // 2 :, :, :3]
+    warm = (lower[..., 0] > 0.6) & (lower[..., 0] - lower[..., 2] > 0.3)  # inferno's orange and yellow
+    assert warm.sum() > 200

@@ -57,16 +57,23 @@ def render_preview(
     legend: Sequence[LegendEntry],
     path: str | Path,
     title: str = "",
+    uncertainty: np.ndarray | None = None,
 ) -> Path:
-    """Write a PNG with three orthogonal slices through the centre of the segmented structures."""
+    """Write a PNG with three orthogonal slices through the centre of the segmented structures; with an
+    ``uncertainty`` map (source grid, e.g. the largest across-member spread of any class) a second row shows it
+    on the same cuts."""
     path = Path(path)
     image, mask, affine = _canonical(volume, labels)
     centre = _foreground_centre(mask)
     low, high = _display_window(image, volume.metadata.modality)
     views = _views(image, mask, affine, centre)
+    spread = None
+    if uncertainty is not None:
+        canonical = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(uncertainty, np.float32), volume.affine))
+        spread = _views(np.asanyarray(canonical.dataobj), mask, affine, centre)
     colours = _colours(legend, mask)
     names = {int(value): name for value, name, _ in legend}
-    _draw(views, colours, names, (low, high), path, title or volume.metadata.case_id)
+    _draw(views, colours, names, (low, high), path, title or volume.metadata.case_id, spread)
     logger.info("wrote preview %s (centre voxel %s in RAS order, window %.0f..%.0f)", path.name, centre, low, high)
     return path
 
@@ -169,6 +176,7 @@ def _draw(
     window: tuple[float, float],
     path: Path,
     title: str,
+    spread: list[_View] | None = None,
 ) -> None:
     import matplotlib
 
@@ -181,13 +189,25 @@ def _draw(
     height_mm = max(v.height_mm for v in views)
     width_mm = sum(v.width_mm for v in views)
     panel_height_in = 4.2
-    figure = Figure(figsize=(max(8.0, panel_height_in * width_mm / height_mm + 0.6), panel_height_in + 1.5),
-                    facecolor="black", dpi=110)
+    rows = 1 if spread is None else 2
+    figure = Figure(figsize=(max(8.0, panel_height_in * width_mm / height_mm + 0.6),
+                             rows * panel_height_in + 1.5), facecolor="black", dpi=110)
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(1, len(views), width_ratios=[v.width_mm for v in views], left=0.01, right=0.99,
-                               top=0.86, bottom=0.17, wspace=0.04)
+    grid = figure.add_gridspec(rows, len(views), width_ratios=[v.width_mm for v in views], left=0.01, right=0.99,
+                               top=0.9 if rows == 2 else 0.86, bottom=0.17 / rows, wspace=0.04, hspace=0.12)
     for slot, view in enumerate(views):
         _draw_view(figure.add_subplot(grid[0, slot]), view, colours, window)
+    if spread is not None:
+        top = max(float(np.nanmax(v.image)) for v in spread) or 1.0
+        for slot, view in enumerate(spread):
+            axes = figure.add_subplot(grid[1, slot])
+            axes.imshow(views[slot].image, cmap="gray", vmin=window[0], vmax=window[1], aspect=view.aspect)
+            shown = axes.imshow(np.ma.masked_less_equal(view.image, 0.01 * top), cmap="inferno", vmin=0, vmax=top,
+                                aspect=view.aspect, alpha=0.85, interpolation="nearest")
+            axes.set_axis_off()
+            axes.set_title(f"uncertainty (member spread)  {view.name}", color="white", fontsize=9)
+        bar = figure.colorbar(shown, ax=figure.axes[-3:], orientation="vertical", fraction=0.02, pad=0.01)
+        bar.ax.tick_params(colors="white", labelsize=8)
     handles = [Patch(facecolor=_unit_rgb(colours[v]), edgecolor="white", linewidth=0.5,
                      label=f"{v} {names.get(v, f'label {v}')}") for v in sorted(colours)]
     if handles:
