@@ -61,11 +61,13 @@ class Family:
     reference_recipe: TrainingRecipe | None = None
     # what ran inside the network, for the run report (e.g. which scan backend)
     runtime_info: Callable[[], dict[str, Any]] = field(default=lambda: {})
-    # how it predicts a volume: None is one forward per sliding window; a family with its own way (a sampler
-    # over the whole volume) gives (predictor, model-space input (C, *spatial), window progress) -> Prediction
-    predict: Callable[[Any, Any, Any], Any] | None = None
-    # (network, image batch, label batch, the named loss, network settings) -> loss; None: loss(network(image), label)
-    training_loss: Callable[[Any, Any, Any, Any, dict[str, Any]], Any] | None = None
+    # how it predicts a volume: (predictor, model-space input (C, *spatial), window progress) -> Prediction;
+    # one forward per sliding window unless the family has its own way (a sampler over the whole volume)
+    predict: Callable[[Any, Any, Any], Any] = field(default=lambda predictor, image, progress:
+                                                    predictor.window_prediction(image, progress))
+    # (network, image batch, label batch, the named loss, network settings) -> the training loss of one batch
+    training_loss: Callable[[Any, Any, Any, Any, dict[str, Any]], Any] = field(
+        default=lambda network, image, label, loss, settings: loss(network(image), label))
 
 
 def get_family(name: str) -> Family:

@@ -85,7 +85,7 @@ def segment_volume(
         windows = _window_progress(progress) if callable(progress) else progress
         prediction = predictor.predict(prepared.image, progress=windows)
         probabilities = prediction.probabilities
-        warnings += prediction.details.get("warnings", [])
+        warnings += prediction.warnings
     with timer.stage("to_source_grid"):
         if keep_probabilities:
             on_source = prepared.mapping.to_source(probabilities)
@@ -228,9 +228,8 @@ def _write_outputs(
         from pipelines.writers.statistics import label_statistics, uncertainty_by_label, write_statistics
 
         names = manifest.label_names()
-        extra = None
-        if "uncertainty" in result.maps:  # channels: std per foreground class, then entropy per class
-            extra = uncertainty_by_label(result.labels, result.maps["uncertainty"], sorted(names))
+        spread = _member_spread(result)
+        extra = None if spread is None else uncertainty_by_label(result.labels, spread, sorted(names))
         write_statistics(label_statistics(result.labels, volume, names), folder / "stats.json", folder / "stats.csv",
                          extra=extra)
         written += ["stats.json", "stats.csv"]
@@ -238,10 +237,10 @@ def _write_outputs(
         from pipelines.writers.preview import render_preview
 
         legend = [(lbl.value, lbl.name, lbl.color) for lbl in manifest.labels]
-        spread = result.maps.get("uncertainty")
+        spread = _member_spread(result)
         render_preview(volume, result.labels, legend, folder / "preview.png",
                        title=f"{volume.metadata.case_id} - {manifest.name} {manifest.version}",
-                       uncertainty=None if spread is None else spread[: spread.shape[0] // 2].max(0))
+                       uncertainty=None if spread is None else spread.max(0))
         written.append("preview.png")
     if "dicom-seg" in formats and case_volume.dicom_source is not None:
         from pipelines.writers.seg import SegAlgorithm, write_dicom_seg
@@ -261,6 +260,13 @@ def _write_outputs(
                        software_version=software_versions()["tessera"])
         written.append("rtstruct.dcm")
     return written
+
+
+def _member_spread(result: Segmentation) -> np.ndarray | None:
+    """Per foreground class, the across-member standard deviation on the source grid: the first half of the
+    ``uncertainty`` map (std per class, then entropy per class), or None for a family that does not sample."""
+    uncertainty = result.maps.get("uncertainty")
+    return None if uncertainty is None else uncertainty[: uncertainty.shape[0] // 2]
 
 
 def _report_header(case: CaseInput, predictor: Predictor, keep_largest: bool) -> dict[str, Any]:

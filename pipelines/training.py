@@ -226,10 +226,7 @@ def train(
             network.train()
             image = batch["image"].to(device)
             label = batch["label"].to(device)
-            if family.training_loss is not None:
-                loss = family.training_loss(network, image, label, loss_fn, manifest.network)
-            else:
-                loss = loss_fn(network(image), label)
+            loss = family.training_loss(network, image, label, loss_fn, manifest.network)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

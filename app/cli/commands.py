@@ -106,9 +106,9 @@ def segment(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, _TqdmHandler) and not args.verbose:
             handler.setLevel(logging.INFO)
-    predictor = Predictor(manifest, device=args.device, amp=args.amp)
-    predictor.sampling = {k: v for k, v in (("steps", args.steps), ("members", args.members), ("seed", args.seed))
-                          if v is not None}
+    sampling = {k: v for k, v in (("steps", args.steps), ("members", args.members), ("seed", args.seed))
+                if v is not None}
+    predictor = Predictor(manifest, device=args.device, amp=args.amp, sampling=sampling)
     log.info("model %s %s on %s; %d case(s) -> %s", manifest.name, manifest.version, predictor.device,
              len(cases), output)
     counts = {"succeeded": 0, "failed": 0, "skipped": 0}

@@ -42,7 +42,7 @@ def sampler_settings(settings: dict[str, Any], device: torch.device,
 def predict_by_sampling(predictor: Any, image: torch.Tensor,
                         progress: Callable[[int, int], None] | None) -> Prediction:
     manifest = predictor.manifest
-    settings, warnings = sampler_settings(manifest.network, predictor.device, getattr(predictor, "sampling", {}))
+    settings, warnings = sampler_settings(manifest.network, predictor.device, predictor.sampling)
     for warning in warnings:
         log.warning("%s", warning)
     network = predictor.network
@@ -64,7 +64,8 @@ def predict_by_sampling(predictor: Any, image: torch.Tensor,
     return Prediction(
         probabilities=torch.cat([background[None], foreground]),
         maps={"uncertainty": torch.cat([result.std, result.entropy]).cpu()},
-        details={"sampler": asdict(settings), "forwards": result.forwards, "warnings": warnings,
+        warnings=warnings,
+        details={"sampler": asdict(settings), "forwards": result.forwards,
                  "uncertainty_channels": [f"std_{n}" for n in names] + [f"entropy_{n}" for n in names],
                  "boundary_uncertainty": {name: value for name, value in zip(names, score, strict=True)}},
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,31 +43,40 @@ class Prediction:
 
     ``probabilities``: (K, *spatial), background first; ``maps``: extra per-voxel maps a family makes, each
     (n, *spatial), e.g. ``uncertainty``; ``details``: what the report should say of how it was made (sampler
-    settings, seeds, forwards).
+    settings, seeds, forwards); ``warnings``: coded warnings for the case's report.
     """
 
     probabilities: torch.Tensor
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 WindowProgress = bool | Callable[[int, int], None]
 
 
 class Predictor:
-    """A network loaded once with verified weights; :meth:`probabilities` runs sliding windows."""
+    """A network loaded once with verified weights; :meth:`predict` runs the family's prediction.
 
-    def __init__(self, manifest: ModelManifest, device: str = "auto", amp: bool = False) -> None:
+    ``sampling``: per-run steps / members / seed for families that sample (the manifest's otherwise).
+    """
+
+    def __init__(self, manifest: ModelManifest, device: str = "auto", amp: bool = False,
+                 sampling: Mapping[str, int] | None = None) -> None:
+        network, self.weights_sha256 = load_network(manifest)
+        self._setup(manifest, network, device, amp, sampling)
+
+    def _setup(self, manifest: ModelManifest, network: torch.nn.Module, device: str, amp: bool,
+               sampling: Mapping[str, int] | None) -> None:
         self.manifest = manifest
         self.device = resolve_device(device)
-        network, self.weights_sha256 = load_network(manifest)
         self.network = network.to(self.device)
         self.amp = amp and self.device.type == "cuda"
         spec = manifest.inference
         self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
+        self.sampling: dict[str, int] = dict(sampling or {})
         self.last_plan: StitchPlan | None = None
-        self.last_runtime: dict = {}
-        self.sampling: dict[str, int] = {}  # per-run steps / members / seed for families that sample
+        self.last_runtime: dict[str, Any] = {}
 
     @classmethod
     def default_cpu(cls) -> Predictor:
@@ -80,57 +89,41 @@ class Predictor:
     def from_network(cls, manifest: ModelManifest, network: torch.nn.Module, device: str = "cpu") -> Predictor:
         """Wrap a network already in memory (training validation) without touching the weights file."""
         self = cls.__new__(cls)
-        self.manifest = manifest
-        self.device = resolve_device(device)
-        self.network = network
         self.weights_sha256 = ""
-        self.amp = False
-        spec = manifest.inference
-        self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
-        self.last_plan = None
-        self.last_runtime = {}
-        self.sampling = {}
+        self._setup(manifest, network, device, False, None)
         return self
 
+    @torch.no_grad()
     def predict(self, image: torch.Tensor, progress: WindowProgress = False) -> Prediction:
         """The family's prediction for a ``(C, *spatial)`` model-space input: one forward per window (the
-        default), or the family's own way (a sampler over the whole volume)."""
-        family = get_family(self.manifest.family)
-        if family.predict is None:
-            return Prediction(self.probabilities(image, progress))
-        self._check_channels(image)
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            prediction: Prediction = family.predict(self, image, self._progress(progress))
-        finally:
-            self.network.train(was_training)
-        self.last_runtime = {**family.runtime_info(), **prediction.details}
-        return prediction
+        default), or the family's own way (a sampler over the whole volume).
 
-    def _check_channels(self, image: torch.Tensor) -> None:
+        ``progress``: a terminal bar over the windows, or a callback given (windows done, windows in all).
+        """
         expected = len(self.manifest.channels)
         if image.shape[0] != expected:
             raise UsageError(
                 "CHANNEL_COUNT_MISMATCH",
                 f"model '{self.manifest.name}' takes {expected} channel(s), the input has {image.shape[0]}",
             )
-
-    def _progress(self, progress: WindowProgress) -> Callable[[int, int], None] | None:
-        return progress if callable(progress) else (self._window_bar() if progress else None)
-
-    @torch.no_grad()
-    def probabilities(self, image: torch.Tensor, progress: WindowProgress = False) -> torch.Tensor:
-        """Softmax class probabilities ``(K, *spatial)`` on the CPU for a ``(C, *spatial)`` input, one forward
-        per window.
-
-        ``progress``: a terminal bar over the windows, or a callback given (windows done, windows in all).
-        """
-        self._check_channels(image)
-        was_training = self.network.training
-        self.network.eval()
         family = get_family(self.manifest.family)
         family.runtime_info()  # start counting afresh for this volume
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            bar = progress if callable(progress) else (self._window_bar() if progress else None)
+            prediction: Prediction = family.predict(self, image, bar)
+        finally:
+            self.network.train(was_training)
+        self.last_runtime = {**family.runtime_info(), **prediction.details}  # e.g. which scan backend ran
+        return prediction
+
+    def probabilities(self, image: torch.Tensor, progress: WindowProgress = False) -> torch.Tensor:
+        """The class probabilities ``(K, *spatial)`` of :meth:`predict`."""
+        return self.predict(image, progress).probabilities
+
+    def window_prediction(self, image: torch.Tensor, progress: Callable[[int, int], None] | None) -> Prediction:
+        """One forward per sliding window, softmax probabilities (the discriminative families' prediction)."""
         batch = image[None].to(self.device)
         if isinstance(batch, MetaTensor):
             batch = batch.as_tensor()
@@ -143,12 +136,10 @@ class Predictor:
             mode=self.window.mode,
             output="probabilities",
             amp=self.amp,
-            progress=self._progress(progress),
+            progress=progress,
         )
         self.last_plan = sliding_window_inference.last_plan  # type: ignore[attr-defined]
-        self.last_runtime = family.runtime_info()  # e.g. which scan backend ran
-        self.network.train(was_training)
-        return probabilities[0].cpu()
+        return Prediction(probabilities[0].cpu())
 
     @staticmethod
     def _window_bar():  # type: ignore[no-untyped-def]
