@@ -5,6 +5,7 @@
 #    selective scan on CUDA vs mamba_ssm's CUDA kernel (skipped where mamba_ssm is not built with it);
 # 2. bench/stitching.py on CUDA (105 classes at 256^3, Swin-UNETR fs48);
 # 3. bench/scan.py's backends on CUDA (chunked; and mamba_ssm's kernel when importable).
+# 4. bench/diffusion.py on CUDA (the diffusion demo model, full sampler, one PET/CT case).
 # Results land in OUTDIR (default bench/results) named after the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,3 +19,5 @@ export PYTHONUNBUFFERED=1
     tests/test_scan.py 2>&1 | tee "$out/gpu_tests_${gpu}.txt"
 "$py" bench/stitching.py --device cuda --cases conv105,swin --repeats 2 --output "$out/stitching_${gpu}.json"
 "$py" bench/scan.py --device cuda --lengths 4096,32768 --repeats 3 --output "$out/scan_${gpu}.json"
+# 4. the diffusion demo model on one PET/CT case at the full sampler (the manifest's GPU steps and members)
+"$py" bench/diffusion.py --device cuda --output "$out/diffusion_${gpu}.json"

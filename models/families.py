@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipelines.errors import ModelError
+from pipelines.errors import ModelError, UsageError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -68,6 +68,19 @@ class Family:
     # (network, image batch, label batch, the named loss, network settings) -> the training loss of one batch
     training_loss: Callable[[Any, Any, Any, Any, dict[str, Any]], Any] = field(
         default=lambda network, image, label, loss, settings: loss(network(image), label))
+    # families that sample: (per-run steps / members / seed, network settings) -> the checked run settings,
+    # or SAMPLING_INVALID; None for a family that does not sample (SAMPLING_NOT_SUPPORTED)
+    check_sampling: Callable[[Mapping[str, Any], dict[str, Any]], dict[str, int]] | None = None
+
+
+def checked_sampling(family: Family, model: str, settings: dict[str, Any], run: Mapping[str, Any]) -> dict[str, int]:
+    """A run's sampling settings for ``model`` (of ``family``, network ``settings``), checked; empty: the model's."""
+    if not run:
+        return {}
+    if family.check_sampling is None:
+        raise UsageError("SAMPLING_NOT_SUPPORTED", f"model '{model}' ({family.name}) does not sample: steps, "
+                                                   f"members and seed apply to sampling families (diffusion)")
+    return family.check_sampling(run, settings)
 
 
 def get_family(name: str) -> Family:

@@ -48,3 +48,17 @@ def score_case(
 def mean_dice(scores: list[LabelScore]) -> float:
     values = [s.dice for s in scores if not math.isnan(s.dice)]
     return float(np.mean(values)) if values else float("nan")
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` ranking ``positives`` above the rest (ties count half: the
+    Mann-Whitney U statistic over average ranks); ``None`` when either side is empty."""
+    from scipy.stats import rankdata
+
+    scores, positives = np.ravel(scores), np.ravel(positives).astype(bool)
+    n_pos = int(positives.sum())
+    n_neg = positives.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(scores)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

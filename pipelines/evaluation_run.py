@@ -11,13 +11,15 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import InputError, TesseraError
-from pipelines.evaluation import score_case
+from pipelines.evaluation import auroc, score_case
 from pipelines.ingestion.nifti import case_id_for, is_nifti, read_nifti
 from pipelines.volume import Volume
 
 log = logging.getLogger(__name__)
 
 GEOMETRY_TOLERANCE_MM = 1e-3
+NEAR_MM = 5.0  # the stricter uncertainty score counts only voxels this close to a true or predicted structure
+UNCERTAINTY_FILE = "uncertainty.nii.gz"
 
 
 def _label_names(labels_file: Path | None, pred_root: Path, case_ids: list[str]) -> dict[int, str] | None:
@@ -54,6 +56,7 @@ def evaluate_folder(pred_root: Path, truth_root: Path, labels_file: Path | None 
     names = _label_names(labels_file, pred_root, case_ids)
     cases: dict[str, Any] = {}
     missing, failed = [], []
+    ranked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (uncertainty, wrong, near) per scored case
     for truth_path, case_id in zip(truths, case_ids, strict=True):
         pred_path = _prediction_path(pred_root, case_id)
         if pred_path is None:
@@ -65,8 +68,9 @@ def evaluate_folder(pred_root: Path, truth_root: Path, labels_file: Path | None 
             _check_same_grid(prediction, reference)
             truth_labels = np.rint(reference.array).astype(np.int32)
             case_names = names or {int(v): f"label_{int(v)}" for v in np.unique(truth_labels) if v != 0}
-            scores = score_case(np.rint(prediction.array).astype(np.int32), truth_labels, case_names,
-                                reference.spacing)
+            predicted = np.rint(prediction.array).astype(np.int32)
+            scores = score_case(predicted, truth_labels, case_names, reference.spacing)
+            uncertainty = _uncertainty(pred_path.parent / UNCERTAINTY_FILE, reference)
         except TesseraError as exc:
             failed.append({"case": case_id, "code": exc.code, "message": exc.message})
             continue
@@ -75,6 +79,11 @@ def evaluate_folder(pred_root: Path, truth_root: Path, labels_file: Path | None 
                        for s in scores},
             "mean_dice": round(float(np.mean([s.dice for s in scores])), 5),
         }
+        if uncertainty is not None:
+            wrong = predicted != truth_labels
+            near = _near_structures((predicted > 0) | (truth_labels > 0), reference.spacing)
+            ranked.append((uncertainty, wrong, near))
+            cases[case_id]["uncertainty_auroc"] = _rounded(auroc(uncertainty, wrong))
     per_label: dict[str, dict[str, float | None]] = {}
     label_order = list(next(iter(cases.values()))["labels"]) if cases else []
     for name in label_order:
@@ -85,6 +94,7 @@ def evaluate_folder(pred_root: Path, truth_root: Path, labels_file: Path | None 
                            "hd95_mm": round(float(np.mean(hds)), 3) if hds else None}
     all_dice = [d["dice"] for c in cases.values() for d in c["labels"].values() if not math.isnan(d["dice"])]
     return {
+        **_uncertainty_summary(ranked),
         "prediction": str(pred_root),
         "reference": str(truth_root),
         "cases": cases,
@@ -93,6 +103,60 @@ def evaluate_folder(pred_root: Path, truth_root: Path, labels_file: Path | None 
         "missing_predictions": missing,
         "failed_cases": failed,
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _uncertainty(path: Path, reference: Volume) -> np.ndarray | None:
+    """Per voxel, the largest across-member spread of any class (``std_*`` channels of ``uncertainty.nii.gz``,
+    as the report names them), or ``None`` when the prediction has no uncertainty."""
+    if not path.is_file():
+        return None
+    import nibabel as nib
+
+    image: Any = nib.load(str(path))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data = data[..., None] if data.ndim == 3 else data
+    if data.shape[:3] != reference.spatial_shape or float(np.abs(image.affine - reference.affine).max()) > \
+            GEOMETRY_TOLERANCE_MM:
+        raise InputError("GEOMETRY_MISMATCH", f"{path.name} is not on the reference grid")
+    try:
+        channels = json.loads((path.parent / "report.json").read_text())["settings"]["network_runtime"][
+            "uncertainty_channels"]
+        spread = [i for i, name in enumerate(channels) if str(name).startswith("std_")]
+    except (OSError, ValueError, KeyError, TypeError):
+        spread = list(range(data.shape[-1]))
+    result: np.ndarray = data[..., spread or list(range(data.shape[-1]))].max(-1)
+    return result
+
+
+def _near_structures(foreground: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    from scipy import ndimage
+
+    if not foreground.any():
+        return foreground
+    distance: np.ndarray = ndimage.distance_transform_edt(~foreground, sampling=spacing)
+    return distance <= NEAR_MM
+
+
+def _uncertainty_summary(ranked: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Does the uncertainty rank wrong voxels above right ones? AUROC pooled over every voxel of every case, and
+    over the voxels within NEAR_MM of a true or predicted structure (where the question is hard)."""
+    if not ranked:
+        return {}
+    scores = np.concatenate([u.ravel() for u, _, _ in ranked])
+    wrong = np.concatenate([w.ravel() for _, w, _ in ranked])
+    near = np.concatenate([n.ravel() for _, _, n in ranked])
+    return {"uncertainty": {
+        "score": "largest across-member standard deviation of any class, per voxel",
+        "auroc_wrong_vs_right": _rounded(auroc(scores, wrong)),
+        f"auroc_within_{NEAR_MM:g}mm": _rounded(auroc(scores[near], wrong[near])),
+        "wrong_voxels": int(wrong.sum()),
+        "voxels": int(wrong.size),
+        "cases": len(ranked),
+    }}
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -104,6 +168,11 @@ def format_table(metrics: dict[str, Any]) -> str:
     mean = metrics["mean_dice"]
     lines.append(f"{'mean':<20} {'-' if mean is None else f'{mean:.4f}':>8}")
     lines.append(f"{len(metrics['cases'])} case(s) scored")
+    if "uncertainty" in metrics:
+        u = metrics["uncertainty"]
+        near = next(v for k, v in u.items() if k.startswith("auroc_within"))
+        lines.append(f"uncertainty AUROC (wrong vs right voxels): {u['auroc_wrong_vs_right']} over all voxels, "
+                     f"{near} within {NEAR_MM:g} mm of a structure ({u['wrong_voxels']} wrong of {u['voxels']})")
     for item in metrics["failed_cases"]:
         lines.append(f"FAILED {item['case']}: {item['code']}: {item['message']}")
     if metrics["missing_predictions"]:

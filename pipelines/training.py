@@ -77,6 +77,7 @@ class TrainingConfig:
     save_fp16: bool = False  # store the kept checkpoint as float16
     loss: str | None = None  # "dicece" or "compound"; None: the family's default
     recipe: str = "default"  # "default": AdamW + one-cycle at learning_rate; "reference": the family's paper recipe
+    keep_largest: list[int] | None = None  # labels kept as their largest component at inference; None: all
 
     def training_recipe(self, family: Family) -> TrainingRecipe:
         if self.recipe == "default":
@@ -126,6 +127,10 @@ def _as_list(image: Path | list[Path]) -> list[Path]:
 
 
 def _manifest_for(config: TrainingConfig, dataset: MsdDataset, colors: dict[int, tuple[int, int, int]]) -> dict:
+    unknown = sorted(set(config.keep_largest or []) - set(dataset.labels))
+    if unknown:
+        raise UsageError("BAD_ARGUMENT", f"keep-largest labels {unknown} are not labels of the dataset "
+                                         f"{sorted(dataset.labels)}")
     network = get_family(config.family).resolve_settings(config.network, config.roi_size)
     return {
         "name": config.name,
@@ -141,7 +146,7 @@ def _manifest_for(config: TrainingConfig, dataset: MsdDataset, colors: dict[int,
         "preprocessing": {"orientation": "RAS", "spacing": list(config.spacing) if config.spacing else None,
                           "intensity": config.intensity},
         "inference": {"roi_size": list(config.roi_size), "overlap": 0.25, "mode": "gaussian", "sw_batch_size": 2},
-        "keep_largest_component": sorted(dataset.labels),
+        "keep_largest_component": sorted(dataset.labels) if config.keep_largest is None else config.keep_largest,
         "weights": {"path": "model.pt", "sha256": None},
     }
 

@@ -122,6 +122,8 @@ def test_train_the_mamba_clinix_family_with_its_reference_recipe(tmp_path, tiny_
     (["--family", "mamba_clinix", "--crop", "36,32,32", "--roi", "32"], 1, "(36, 32, 32)"),
     (["--family", "mamba_clinix", "--base-channels", "6", "--crop", "32", "--roi", "32"], 1, "does not divide"),
     (["--recipe", "reference"], 2, "BAD_RECIPE"),
+    (["--keep-largest", "9"], 2, "keep-largest labels [9]"),
+    (["--keep-largest", "liver"], 2, "BAD_ARGUMENT"),
 ])
 def test_impossible_training_settings_fail_before_training(tmp_path, tiny_dataset, args, code, words):
     run = tessera("train", str(tiny_dataset), "-o", str(tmp_path / "m"), "--name", "x", "--iterations", "1", *args)
@@ -137,10 +139,13 @@ def test_train_and_segment_with_the_diffusion_family(tmp_path, tiny_dataset):
     run = tessera("train", str(tiny_dataset), "-o", str(out), "--name", "tiny-diffusion", "--family", "diffusion",
                   "--unet-channels", "8,16", "--prediction", "sample", "--sampling-steps", "2", "--members", "2",
                   "--iterations", "2", "--validate-every", "2", "--validation-cases", "1", "--crop", "32",
-                  "--roi", "32", "--spacing", "5", "--device", "cpu")
+                  "--roi", "32", "--spacing", "5", "--device", "cpu", "--keep-largest", "1,5",
+                  "--attention-levels", "0,1")
     assert run.returncode == 0, run.stderr
     manifest = load_manifest(out / "manifest.json")
     assert manifest.family == "diffusion" and manifest.network["prediction_type"] == "sample"
+    assert manifest.network["attention_levels"] == [False, True]
+    assert json.loads((out / "manifest.json").read_text())["keep_largest_component"] == [1, 5]
     source = tiny_dataset / "imagesTr" / "p0.nii.gz"
     segmented = tessera("segment", str(source), "-o", str(tmp_path / "seg"), "--model", str(out / "manifest.json"))
     assert segmented.returncode == 0, segmented.stderr
@@ -163,3 +168,44 @@ def test_train_and_segment_with_the_diffusion_family(tmp_path, tiny_dataset):
     assert again.returncode == 0, again.stderr
     sampler = json.loads((tmp_path / "seg2" / "p0" / "report.json").read_text())["settings"]["network_runtime"]
     assert (sampler["sampler"]["steps"], sampler["sampler"]["members"], sampler["sampler"]["seed"]) == (1, 3, 4)
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    (truth / "p0.nii.gz").write_bytes((tiny_dataset / "labelsTr" / "p0.nii.gz").read_bytes())
+    scored = tessera("evaluate", "--pred", str(tmp_path / "seg"), "--truth", str(truth))
+    assert scored.returncode == 0, scored.stderr
+    metrics = json.loads((tmp_path / "seg" / "metrics.json").read_text())
+    ranking = metrics["uncertainty"]
+    assert ranking["cases"] == 1 and ranking["voxels"] == int(np.prod(nib.load(source).shape))
+    assert 0.0 <= ranking["auroc_wrong_vs_right"] <= 1.0 and "uncertainty AUROC" in scored.stdout
+    refused = tessera("segment", str(source), "-o", str(tmp_path / "seg3"), "--model", str(out / "manifest.json"),
+                      "--steps", "0")
+    assert refused.returncode == 2 and "SAMPLING_INVALID" in refused.stderr
+
+
+def test_sampling_options_are_checked_and_refused_for_families_that_do_not_sample(tiny_model):
+    from models.families import checked_sampling, get_family
+    from pipelines.errors import UsageError
+    from pipelines.inference import Predictor
+
+    diffusion = get_family("diffusion")
+    assert checked_sampling(diffusion, "d", {}, {"steps": 3, "members": 2, "seed": 9}) == \
+        {"steps": 3, "members": 2, "seed": 9}
+    for run in ({"steps": 0}, {"steps": 1001}, {"members": 65}, {"seed": -1}, {"steps": 2.5}, {"eta": 1}):
+        with pytest.raises(UsageError) as info:
+            checked_sampling(diffusion, "d", {}, run)
+        assert info.value.code == "SAMPLING_INVALID"
+    with pytest.raises(UsageError) as info:
+        Predictor(tiny_model, device="cpu", sampling={"steps": 2})
+    assert info.value.code == "SAMPLING_NOT_SUPPORTED" and "tiny" in info.value.message
+    assert Predictor(tiny_model, device="cpu").with_sampling(None).sampling == {}
+
+
+def test_auroc_oracles():
+    from pipelines.evaluation import auroc
+
+    wrong = np.array([0, 0, 1, 1], bool)
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), wrong) == 1.0  # every wrong voxel above every right one
+    assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), wrong) == 0.0
+    assert auroc(np.zeros(4), wrong) == 0.5  # no ranking at all: ties count half
+    assert auroc(np.array([0.1, 0.5, 0.5, 0.9]), wrong) == pytest.approx(0.875)
+    assert auroc(np.ones(3), np.zeros(3, bool)) is None

@@ -47,6 +47,21 @@ def _dataset_label_names(dataset: str) -> dict[str, str]:
         return {}
 
 
+def _label_values(text: str) -> list[int] | None:
+    """``all`` -> None (every label), ``none`` -> [], ``1,3`` -> [1, 3]."""
+    from pipelines.errors import UsageError
+
+    if text.strip().lower() == "all":
+        return None
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UsageError("BAD_ARGUMENT", f"--keep-largest takes all, none or label values like 1,2; got {text!r}") \
+            from None
+
+
 def train(args: argparse.Namespace) -> int:
     from models.families import get_family
     from pipelines.phantoms import STRUCTURES
@@ -64,7 +79,7 @@ def train(args: argparse.Namespace) -> int:
         learning_rate=args.lr, validate_every=args.validate_every, validation_cases=args.validation_cases,
         seed=args.seed, device=args.device, network=network, spacing=args.spacing, intensity=intensity,
         roi_size=args.roi, init_weights=args.init, save_fp16=args.save_fp16, family=args.family, loss=args.loss,
-        recipe=args.recipe,
+        recipe=args.recipe, keep_largest=_label_values(args.keep_largest),
     )
     # Display colours for labels the phantom generator knows by name; other datasets get viewer defaults.
     colors = {s.value: s.color for s in STRUCTURES}

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--intensity", choices=("window", "zscore", "none"), default="window",
                      help="window (CT HU, default), or zscore per channel (e.g. PET + CT)")
     trn.add_argument("--seed", type=int, default=0)
+    trn.add_argument("--keep-largest", default="all",
+                     help="labels whose largest connected component alone is kept at inference: all (default), "
+                          "none, or values such as 1 (a primary tumour is one object, its nodes are several)")
     trn.add_argument("--init", default=None, help="start from this checkpoint (same network settings)")
     trn.add_argument("--save-fp16", action="store_true", help="store the weights as float16 (half the size)")
     trn.add_argument("--device", default="auto")

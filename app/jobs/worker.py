@@ -164,7 +164,7 @@ class _Worker:
         options = job.options
         try:
             progress("loading_model", 0.0)
-            predictor = self.predictor(job.model)
+            predictor = self.predictor(job.model).with_sampling(options.get("sampling"))
             case = CaseInput(job.id, tuple(folder / "input" / name for name in job.inputs))
             outputs = OutputOptions(formats=frozenset(options["formats"]) if options.get("formats") else None,
                                     seg_type=options.get("seg_type", "binary"))

@@ -48,7 +48,8 @@ LOCAL_OWNER = "local"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _MEDIA_TYPES = {".gz": "application/gzip", ".dcm": "application/dicom", ".png": "image/png",
                 ".json": "application/json", ".csv": "text/csv"}
-_FORM_FIELDS = ("model", "formats", "seg_type", "series", "tilt", "keep_largest")
+_FORM_FIELDS = ("model", "formats", "seg_type", "series", "tilt", "keep_largest", "steps", "members", "seed")
+_SAMPLING_FIELDS = ("steps", "members", "seed")
 _UPLOAD_SCHEMA = {
     "requestBody": {
         "required": True,
@@ -66,6 +67,10 @@ _UPLOAD_SCHEMA = {
                 "series": {"type": "string", "description": "DICOM: SeriesInstanceUID or SeriesNumber to use"},
                 "tilt": {"type": "string", "enum": ["refuse", "resample"]},
                 "keep_largest": {"type": "boolean"},
+                "steps": {"type": "integer", "description": "sampling families (diffusion): DDIM steps (default: "
+                                                           "the model's; on a CPU worker its CPU budget)"},
+                "members": {"type": "integer", "description": "sampling families: ensemble members"},
+                "seed": {"type": "integer", "description": "sampling families: the seed (recorded in report.json)"},
             },
         }}},
     }
@@ -195,8 +200,27 @@ def _job_options(state: ServiceState, form: Any, files: int) -> tuple[str, dict[
         raise ProblemError(422, "CHANNEL_COUNT_MISMATCH", f"model '{manifest.name}' takes {channels} channel(s): "
                                                           f"send one file per channel, or one DICOM zip; got {files}")
     options = {"formats": formats, "seg_type": seg_type, "series": _form_text(form, "series"), "tilt": tilt,
-               "keep_largest": keep in ("true", "1", "yes")}
+               "keep_largest": keep in ("true", "1", "yes"), "sampling": _sampling_options(form, manifest)}
     return manifest.name, options
+
+
+def _sampling_options(form: Any, manifest: ModelManifest) -> dict[str, int]:
+    """steps / members / seed for a model that samples, checked as the CLI checks them."""
+    from models.families import checked_sampling, get_family
+
+    run = {}
+    for name in _SAMPLING_FIELDS:
+        text = _form_text(form, name)
+        if text is None:
+            continue
+        try:
+            run[name] = int(text)
+        except ValueError:
+            raise ProblemError(422, "SAMPLING_INVALID", f"{name} must be an integer, got {text[:32]!r}") from None
+    try:
+        return checked_sampling(get_family(manifest.family), manifest.name, manifest.network, run)
+    except UsageError as exc:
+        raise ProblemError(422, exc.code, exc.message) from None
 
 
 def _retry_after(state: ServiceState) -> str:

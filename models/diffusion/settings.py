@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from pipelines.errors import ModelError
+from pipelines.errors import ModelError, UsageError
+
+MAX_MEMBERS = 64  # a run's ensemble bound: members travel together through the engine, memory grows with them
 
 DEFAULTS: dict[str, Any] = {
     # DiffusionModelUNet
@@ -60,3 +63,19 @@ def check_window(window: tuple[int, int, int], settings: dict[str, Any], what: s
     if any(side % factor for side in window):
         raise ModelError("MANIFEST_INVALID", f"diffusion {what} {tuple(window)} is not divisible by {factor} "
                                              f"(the UNet's {factor}x downsampling)")
+
+
+def check_sampling(run: Mapping[str, Any], settings: dict[str, Any]) -> dict[str, int]:
+    """A run's ``steps`` / ``members`` / ``seed`` as integers within bounds, or SAMPLING_INVALID naming the value."""
+    s = settings_with_defaults(settings)
+    unknown = sorted(set(run) - {"steps", "members", "seed"})
+    if unknown:
+        raise UsageError("SAMPLING_INVALID", f"unknown sampling settings {unknown} (known: steps, members, seed)")
+    bounds = {"steps": (1, int(s["train_steps"])), "members": (1, MAX_MEMBERS), "seed": (0, 2**63 - 1)}
+    checked = {}
+    for key, value in run.items():
+        low, high = bounds[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise UsageError("SAMPLING_INVALID", f"{key} must be an integer in [{low}, {high}], got {value!r}")
+        checked[key] = value
+    return checked

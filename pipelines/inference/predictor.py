@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from monai.data import MetaTensor
 
-from models.families import get_family
+from models.families import checked_sampling, get_family
 from models.manifest import ModelManifest
 from models.networks import load_network
 from pipelines.errors import UsageError
@@ -74,7 +75,8 @@ class Predictor:
         self.amp = amp and self.device.type == "cuda"
         spec = manifest.inference
         self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
-        self.sampling: dict[str, int] = dict(sampling or {})
+        self.sampling: dict[str, int] = checked_sampling(get_family(manifest.family), manifest.name,
+                                                         manifest.network, sampling or {})
         self.last_plan: StitchPlan | None = None
         self.last_runtime: dict[str, Any] = {}
 
@@ -92,6 +94,13 @@ class Predictor:
         self.weights_sha256 = ""
         self._setup(manifest, network, device, False, None)
         return self
+
+    def with_sampling(self, sampling: Mapping[str, int] | None) -> Predictor:
+        """This predictor (the same network in memory) with a run's own steps / members / seed."""
+        other = copy.copy(self)
+        other.sampling = checked_sampling(get_family(self.manifest.family), self.manifest.name,
+                                          self.manifest.network, sampling or {})
+        return other
 
     @torch.no_grad()
     def predict(self, image: torch.Tensor, progress: WindowProgress = False) -> Prediction:

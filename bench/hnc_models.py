@@ -1,0 +1,194 @@
+"""PET/CT head-and-neck phantoms: the diffusion demo model against its baselines, same recipe, same budget.
+
+Rows (every one scored through the whole pipeline, ``segment_case`` from the channel files to the mask on the CT
+grid, then ``tessera evaluate``'s scoring):
+
+- ``demo``: the shipped diffusion model (``--demo``), not retrained;
+- ``swin_unetr PET+CT``: the paper's kind of baseline, a 2-channel Swin-UNETR (feature size 12) trained by the
+  same ``tessera train`` command with the demo's recorded recipe (iterations, crop, spacing, intensity, seed,
+  learning rate; its window rounded up to a multiple of 32);
+- ``diffusion PET+CT``, ``diffusion PET``, ``diffusion CT``: the demo's recipe at a smaller budget
+  (``--ablation-iterations``, validated once at the end) on both channels, on PET alone and on CT alone (PET
+  resampled onto the CT grid, where the labels are, as inference resamples it).
+
+Test cases: the committed held-out phantoms (sample_data/hnc/imagesTs) and freshly generated ones (seeds the
+training never saw). Mean Dice over GTVp and GTVn per row; for the sampling rows the uncertainty AUROC (wrong vs
+right voxels, pooled over the test cases). Prints JSON.
+
+    python bench/hnc_models.py [--fresh 4] [--rows all] [--output bench/results/hnc_models_cpu-2core.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit  # noqa: E402
+
+from models.manifest import Channel, load_manifest  # noqa: E402
+from pipelines.cases import CaseInput  # noqa: E402
+from pipelines.evaluation_run import evaluate_folder  # noqa: E402
+from pipelines.inference import Predictor  # noqa: E402
+from pipelines.ingestion.reading import read_case  # noqa: E402
+from pipelines.outputs import OutputOptions  # noqa: E402
+from pipelines.phantoms import write_dataset_json  # noqa: E402
+from pipelines.phantoms_hnc import HNC_LABELS, write_hnc_dataset  # noqa: E402
+from pipelines.segment import segment_case  # noqa: E402
+
+SAMPLE = ROOT / "sample_data" / "hnc"
+PET_CT = (Channel("CT", "CT"), Channel("PET", "PT"))
+FRESH_FIRST_SEED = 1000  # the committed phantoms are seeds 0-19
+ROWS = ("demo", "swin_unetr PET+CT", "diffusion PET+CT", "diffusion PET", "diffusion CT")
+
+
+def single_channel_dataset(source: Path, out: Path, channel: int) -> Path:
+    """``source`` (CT + PET channel files) with one channel only, on the CT grid as a single-file MSD dataset."""
+    meta = json.loads((source / "dataset.json").read_text())
+    splits: dict[str, list[dict[str, Any]]] = {"training": [], "test": []}
+    for split, folder in (("training", "Tr"), ("test", "Ts")):
+        for entry in meta[split]:
+            paths = [source / p for p in entry["image"]]
+            case = paths[0].name.removesuffix("_0000.nii.gz")
+            volume = read_case(paths, PET_CT, case).volume
+            (out / f"images{folder}").mkdir(parents=True, exist_ok=True)
+            (out / f"labels{folder}").mkdir(parents=True, exist_ok=True)
+            image = f"./images{folder}/{case}.nii.gz"
+            nib.save(nib.Nifti1Image(volume.array[channel], volume.affine), out / image)
+            label = f"./labels{folder}/{case}.nii.gz"
+            (out / label).write_bytes((source / entry["label"]).read_bytes())
+            splits[split].append({"image": image, "label": label})
+    modality = ["CT", "PT"][channel]
+    return write_dataset_json(out, f"TesseraHeadNeck{modality}", f"{meta['description']}; {modality} channel only",
+                              [modality], HNC_LABELS, splits["training"], splits["test"], "bench.hnc_models", 0)
+
+
+def train_like(demo: dict[str, Any], dataset: Path, out: Path, family: str, name: str,
+               iterations: int | None = None) -> tuple[Path, float]:
+    """``tessera train`` with the demo's recorded recipe (the family's own network settings for Swin-UNETR, and
+    its window rounded up to a multiple of 32, which Swin-UNETR needs)."""
+    config = demo["training"]["config"]
+    roi = [-(-side // 32) * 32 for side in config["roi_size"]] if family == "swin_unetr" else config["roi_size"]
+    args = [sys.executable, "-m", "app.cli.main", "train", str(dataset), "-o", str(out), "--name", name,
+            "--family", family, "--iterations", str(iterations or config["iterations"]),
+            "--batch-size", str(config["batch_size"]), "--crop", ",".join(map(str, config["crop_size"])),
+            "--roi", ",".join(map(str, roi)), "--spacing", ",".join(map(str, config["spacing"])),
+            "--lr", str(config["learning_rate"]), "--seed", str(config["seed"]),
+            "--validate-every", str(config["validate_every"] if iterations is None else iterations),
+            "--validation-cases", str(config["validation_cases"]), "--intensity", config["intensity"]["kind"],
+            "--device", "cpu"]
+    if family == "diffusion":
+        network = demo["network"]
+        args += ["--unet-channels", ",".join(map(str, network["channels"])),
+                 "--attention-levels", ",".join("1" if a else "0" for a in network["attention_levels"]),
+                 "--prediction", network["prediction_type"]]
+    started = time.perf_counter()
+    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"training {name} failed:\n{run.stderr[-3000:]}")
+    return out / "manifest.json", time.perf_counter() - started
+
+
+def score(manifest_path: Path, cases: list[CaseInput], truth: Path, out: Path) -> dict[str, Any]:
+    predictor = Predictor(load_manifest(manifest_path), device="cpu")
+    started = time.perf_counter()
+    for case in cases:
+        result = segment_case(case, out, predictor, overwrite=True, outputs=OutputOptions(frozenset({"nifti"})))
+        if result.status != "succeeded":
+            raise SystemExit(f"{case.case_id}: {result.error_code}: {result.error_message}")
+    seconds = time.perf_counter() - started
+    metrics = evaluate_folder(out, truth)
+    row: dict[str, Any] = {
+        "mean_dice": metrics["mean_dice"],
+        "dice": {name: values["dice"] for name, values in metrics["per_label"].items()},
+        "hd95_mm": {name: values["hd95_mm"] for name, values in metrics["per_label"].items()},
+        "cases": len(metrics["cases"]),
+        "seconds_per_case": round(seconds / len(cases), 1),
+    }
+    if "uncertainty" in metrics:
+        row["uncertainty"] = metrics["uncertainty"]
+    return row
+
+
+def test_cases(dataset: Path) -> tuple[list[CaseInput], Path]:
+    """The test split of ``dataset`` as cases (one file per channel) and the folder of their labels."""
+    meta = json.loads((dataset / "dataset.json").read_text())
+    cases = []
+    for entry in meta["test"]:
+        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        label = Path(entry["label"]).name
+        cases.append(CaseInput(label.removesuffix(".nii.gz"), tuple(dataset / p for p in images)))
+    return cases, dataset / "labelsTs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", default=str(ROOT / "models" / "weights" / "diffusion-hnc-phantom"))
+    parser.add_argument("--ablation-iterations", type=int, default=600)
+    parser.add_argument("--fresh", type=int, default=4, help="freshly generated test phantoms (besides the 4 kept)")
+    parser.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROWS)}")
+    parser.add_argument("--work", default=None, help="keep datasets, models and masks here (default: a temp dir)")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    rows = ROWS if args.rows == "all" else tuple(r.strip() for r in args.rows.split(","))
+    demo_dir = Path(args.demo)
+    demo = json.loads((demo_dir / "manifest.json").read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.work or scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        fresh = write_hnc_dataset(work / "fresh_pet_ct", n_train=0, n_test=args.fresh, first_seed=FRESH_FIRST_SEED)
+        pet_ct = {"kept": SAMPLE, "fresh": fresh}
+        results: dict[str, Any] = {}
+        for row in rows:
+            family, channels = row.split(" ") if row != "demo" else ("diffusion", "PET+CT")
+            if channels == "PET+CT":
+                datasets, train_set = pet_ct, SAMPLE
+            else:
+                channel = 1 if channels == "PET" else 0
+                datasets = {split: single_channel_dataset(path, work / f"{split}_{channels}", channel)
+                            for split, path in pet_ct.items()}
+                train_set = datasets["kept"]
+            entry: dict[str, Any] = {"family": family, "channels": channels}
+            if row == "demo":
+                manifest_path = demo_dir / "manifest.json"
+                entry["model"] = demo["name"] + " (shipped)"
+                entry["iterations"] = demo["training"]["config"]["iterations"]
+                entry["training_seconds"] = demo["training"]["seconds"]
+            else:
+                name = row.replace(" ", "-").replace("+", "-").lower()
+                iterations = None if family == "swin_unetr" else args.ablation_iterations
+                manifest_path, seconds = train_like(demo, train_set, work / "models" / name, family, name, iterations)
+                entry["model"] = name
+                entry["iterations"] = iterations or demo["training"]["config"]["iterations"]
+                entry["training_seconds"] = round(seconds, 1)
+            for split, dataset in datasets.items():
+                cases, truth = test_cases(dataset)
+                entry[split] = score(manifest_path, cases, truth, work / "masks" / row.replace(" ", "_") / split)
+            results[row] = entry
+            print(json.dumps({row: entry}), file=sys.stderr)
+    emit({
+        "benchmark": "hnc_models",
+        "demo": demo["name"],
+        "recipe": demo["training"]["config"],
+        "test_cases": {"kept": "sample_data/hnc/imagesTs (4)",
+                       "fresh": f"{args.fresh} phantoms of seeds {FRESH_FIRST_SEED}+ (never seen in training)"},
+        "rows": results,
+        "platform": platform.platform(),
+        "threads": __import__("torch").get_num_threads(),
+    }, args.output)
+
+
+if __name__ == "__main__":
+    main()
