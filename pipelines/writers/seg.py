@@ -83,6 +83,33 @@ def _repair_copied_values(dataset: Dataset) -> None:
                     "repaired" if element.value else "left empty")
 
 
+def _is_code_item(item: Dataset) -> bool:
+    """A Code Sequence Macro item: a value (short, long or URN), its scheme (unless a URN) and a meaning."""
+    value = item.get("CodeValue") or item.get("LongCodeValue")
+    urn = item.get("URNCodeValue")
+    return bool((value and item.get("CodingSchemeDesignator") or urn) and item.get("CodeMeaning"))
+
+
+def _drop_invalid_sequences(dataset: Dataset) -> None:
+    """Sequences a SEG (or RTSTRUCT) copies from its source must hold 1-n valid items: drop code items without
+    value, scheme or meaning, then every empty sequence (a classic Philips export's empty Procedure Code Sequence
+    made the SEG fail dciodvfy), with a warning. Applied recursively inside the items that remain."""
+    for element in list(dataset):
+        if element.VR != "SQ":
+            continue
+        if element.keyword.endswith("CodeSequence"):
+            kept = [item for item in element.value if _is_code_item(item)]
+            if len(kept) != len(element.value):
+                log.warning("source %s has %d code item(s) without value, scheme or meaning; left out of the copy",
+                            element.keyword or element.tag, len(element.value) - len(kept))
+                element.value = kept
+        for item in element.value:
+            _drop_invalid_sequences(item)
+        if len(element.value) == 0:
+            log.warning("source %s is an empty sequence; left out of the copy", element.keyword or element.tag)
+            del dataset[element.tag]
+
+
 _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
@@ -109,6 +136,7 @@ def _source_datasets(candidate: VolumeCandidate) -> list[Dataset]:
             if not dataset.get(keyword):
                 setattr(dataset, keyword, generate_uid(entropy_srcs=[anchor, keyword]))
         _normalise_character_set(dataset)
+        _drop_invalid_sequences(dataset)
         if not dataset.get("SliceThickness"):
             dataset.SliceThickness = round(candidate.geometry.slice_spacing, 6)  # measured from the positions
         for keyword in _TYPE2_COPIED:  # Type 2: must be present, may be empty

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipelines.errors import InputError
 from pipelines.ingestion.dicom.geometry import GeometryError, StackGeometry, check_stack, projections
-from pipelines.ingestion.dicom.slices import NON_IMAGE_MODALITIES, DicomSlice
+from pipelines.ingestion.dicom.slices import DicomSlice
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +85,28 @@ def build_candidates(
     candidates: list[VolumeCandidate] = []
     set_aside: list[SetAside] = []
     for uid, members in by_series.items():
-        first = members[0]
-        reason = _set_aside_reason(members)
+        # instances without an image (raw data, reports, presentation states) are left out one by one: they
+        # never decide the fate of the images that share their series
+        images = [s for s in members if not s.holds_no_image]
+        left_out = len(members) - len(images)
+        first = (images or members)[0]
+        reason = _set_aside_reason(images) if images else \
+            f"NOT_AN_IMAGE: modality {first.modality or '?'} holds no image to convert"
         if reason:
             set_aside.append(SetAside(uid, first.series_number, first.series_description, reason, len(members)))
             continue
-        candidates.extend(_series_candidates(members, tilt, min_slices))
+        series = _series_candidates(images, tilt, min_slices)
+        if left_out:
+            note = f"{left_out} instance(s) without an image (raw data, report, presentation state) left out"
+            log.warning("series %s: %s", first.series_number, note)
+            for candidate in series:
+                candidate.warnings.append(note)
+        candidates.extend(series)
     candidates.sort(key=lambda c: (c.series_number if c.series_number is not None else 1 << 30, c.suffix))
     return candidates, set_aside
 
 
 def _set_aside_reason(members: list[DicomSlice]) -> str:
-    first = members[0]
-    if first.modality in NON_IMAGE_MODALITIES or first.rows == 0 or first.columns == 0:
-        return f"NOT_AN_IMAGE: modality {first.modality or '?'} holds no image to convert"
     if all(s.is_localizer for s in members):
         return "LOCALIZER: localizer/scout images"
     if all(s.is_derived_capture for s in members):

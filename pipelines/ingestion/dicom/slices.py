@@ -17,8 +17,17 @@ from pydicom.dataset import Dataset
 
 from pipelines.ingestion.dicom.sources import DicomFile, read_header
 
-# SOP classes that hold images we can stack into volumes.
+# Modalities and SOP classes whose instances hold no image we can stack into volumes.
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "KO", "PR", "REG", "RWV", "DOC"}
+NON_IMAGE_SOP_CLASS_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.66",  # Raw Data, Spatial Registration, Spatial Fiducials, Segmentation, ...
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, key object selection
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT plan, structure set, dose, ...
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF, CDA, STL
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.4.2",  # MR spectroscopy
+)
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
@@ -81,6 +90,12 @@ class DicomSlice:
     def normal(self) -> np.ndarray:
         assert self.orientation is not None
         return np.cross(self.orientation[:3], self.orientation[3:])
+
+    @property
+    def holds_no_image(self) -> bool:
+        """An instance of a SOP class without image pixels (raw data, a report, a presentation state...)."""
+        return (self.modality in NON_IMAGE_MODALITIES or self.rows == 0 or self.columns == 0
+                or self.sop_class_uid.startswith(NON_IMAGE_SOP_CLASS_PREFIXES))
 
     @property
     def is_localizer(self) -> bool:

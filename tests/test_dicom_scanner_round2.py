@@ -1,0 +1,120 @@
+"""Real-scanner round 2: what held-out scanner exports got wrong, rebuilt on generated DICOM and ../shared."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from pipelines.ingestion.dicom.reader import load_volume, read_study
+from pipelines.phantom_dicom import write_phantom_series
+
+RAW_DATA = "1.2.840.10008.5.1.4.1.1.66"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+GRAYSCALE_PR = "1.2.840.10008.5.1.4.1.1.11.1"
+KEY_OBJECT = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def add_non_image_instance(image: Path, out: Path, sop_class: str, modality: str) -> Path:
+    """An instance of ``sop_class`` (no pixel data) in the same study and series as ``image``."""
+    source = pydicom.dcmread(image, stop_before_pixels=True)
+    ds = Dataset()
+    for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber",
+                    "StudyDate", "FrameOfReferenceUID"):
+        if keyword in source:
+            setattr(ds, keyword, source.data_element(keyword).value)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.Modality, ds.InstanceNumber = modality, 1
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = sop_class, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+@pytest.mark.parametrize(("sop_class", "modality"), [(RAW_DATA, "CT"), (BASIC_TEXT_SR, "SR"), (GRAYSCALE_PR, "PR"),
+                                                     (KEY_OBJECT, "KO")])
+def test_a_non_image_instance_beside_the_images_is_left_out_alone(tmp_path: Path, sop_class: str,
+                                                                   modality: str) -> None:
+    paths, phantom = write_phantom_series(31, tmp_path / "study", spacing=(6.0, 6.0, 8.0))
+    expected = load_volume(read_study(tmp_path / "study").volumes[0])
+    # named to sort (and be read) first: it must not decide the fate of the series
+    add_non_image_instance(paths[0], tmp_path / "study" / "000_raw.dcm", sop_class, modality)
+    study = read_study(tmp_path / "study")
+    assert study.set_aside == [] and len(study.volumes) == 1
+    (candidate,) = study.volumes
+    assert any("1 instance(s) without an image" in w for w in candidate.warnings), candidate.warnings
+    volume = load_volume(candidate)
+    np.testing.assert_array_equal(volume.array, expected.array)
+    np.testing.assert_allclose(volume.affine, expected.affine)
+
+
+def test_a_series_of_non_image_instances_only_is_still_set_aside(tmp_path: Path) -> None:
+    paths, _ = write_phantom_series(32, tmp_path / "study", spacing=(6.0, 6.0, 8.0))
+    raw = add_non_image_instance(paths[0], tmp_path / "study" / "000_raw.dcm", RAW_DATA, "MR")
+    other = pydicom.dcmread(raw)
+    other.SeriesInstanceUID, other.SeriesNumber = generate_uid(), 99
+    other.save_as(raw)
+    study = read_study(tmp_path / "study")
+    assert [(s.series_number, s.reason.split(":")[0]) for s in study.set_aside] == [(99, "NOT_AN_IMAGE")]
+    assert len(study.volumes) == 1 and not study.volumes[0].warnings
+
+
+def test_an_enhanced_mr_beside_raw_data_of_its_series_is_read(shared_data: Path, tmp_path: Path) -> None:
+    """The held-out case: Raw Data Storage with the Series Instance UID of an enhanced multi-frame MR."""
+    source = shared_data / "dcm_qa_enh" / "In" / "Siemens" / "XA10"
+    folder = tmp_path / "xa10"
+    shutil.copytree(source, folder)
+    before = read_study(folder)
+    first = sorted(p for p in folder.rglob("*") if p.is_file())[0]
+    add_non_image_instance(first, folder / "000_raw.dcm", RAW_DATA, "MR")
+    after = read_study(folder)
+    assert [c.label for c in after.volumes] == [c.label for c in before.volumes]
+    assert after.set_aside == before.set_aside
+    ref = load_volume(before.volumes[0])
+    got = load_volume(after.volumes[0])
+    np.testing.assert_array_equal(got.array, ref.array)
+    assert nib.aff2axcodes(got.affine) == nib.aff2axcodes(ref.affine)
+
+
+def _with_defective_copied_attributes(folder: Path) -> None:
+    """What a classic Philips export carried: an empty Procedure Code Sequence (the module wants 1-n items),
+    plus an empty Referenced Study Sequence and a code item without its meaning, on every image."""
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.ProcedureCodeSequence = pydicom.Sequence([])
+        ds.ReferencedStudySequence = pydicom.Sequence([])
+        broken = Dataset()
+        broken.CodeValue, broken.CodingSchemeDesignator = "T-1234", "SRT"  # no CodeMeaning
+        ds.AdmittingDiagnosesCodeSequence = pydicom.Sequence([broken])
+        ds.save_as(path)
+
+
+def test_seg_and_rtstruct_drop_empty_and_invalid_sequences_copied_from_the_source(tmp_path: Path) -> None:
+    from models.manifest import Label
+    from pipelines.writers.export import mask_on_stack
+    from pipelines.writers.rtstruct import write_rtstruct
+    from pipelines.writers.seg import SegAlgorithm, write_dicom_seg
+    from tests.conftest import dciodvfy_errors
+
+    _, phantom = write_phantom_series(33, tmp_path / "study", spacing=(4.0, 4.0, 5.0))
+    _with_defective_copied_attributes(tmp_path / "study")
+    (candidate,) = read_study(tmp_path / "study").volumes
+    labels = mask_on_stack(phantom.label, candidate)
+    assert labels is not None
+    table = [Label(int(v), f"label_{int(v)}") for v in np.unique(labels) if v > 0]
+    algorithm = SegAlgorithm("tessera-test", "1")
+    seg = write_dicom_seg(labels, candidate, table, algorithm, tmp_path / "seg.dcm")
+    assert dciodvfy_errors(seg, "Segmentation") == []
+    written = pydicom.dcmread(seg)
+    assert "ProcedureCodeSequence" not in written
+    rt_utils = pytest.importorskip("rt_utils")
+    del rt_utils
+    rtstruct = write_rtstruct(labels, candidate, table, algorithm, tmp_path / "rtstruct.dcm")
+    assert dciodvfy_errors(rtstruct, "RTStructureSet") == []
