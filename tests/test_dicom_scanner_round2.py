@@ -118,3 +118,32 @@ def test_seg_and_rtstruct_drop_empty_and_invalid_sequences_copied_from_the_sourc
     del rt_utils
     rtstruct = write_rtstruct(labels, candidate, table, algorithm, tmp_path / "rtstruct.dcm")
     assert dciodvfy_errors(rtstruct, "RTStructureSet") == []
+
+
+def _mixed_echoes() -> tuple[list[tuple[float, str, np.ndarray, float, float]], np.ndarray]:
+    rng = np.random.default_rng(7)
+    shape = (12, 10, 6)
+    volumes = []
+    for echo_time in (2.3, 4.6):
+        for component, slope, intercept in (("MAGNITUDE", 1.5, 0.0), ("PHASE", 0.001534, -3.1416)):
+            volumes.append((echo_time, component, rng.integers(0, 4096, shape).astype(np.uint16), slope, intercept))
+    affine = np.array([[-1.2, 0, 0, 30], [0, 0, 3.0, -40], [0, -1.1, 0, 12], [0, 0, 0, 1]])  # coronal
+    return volumes, affine
+
+
+def test_enhanced_mr_mixing_magnitude_phase_and_echoes_splits_as_dcm2niix(tmp_path: Path) -> None:
+    from pipelines.phantom_dicom import write_enhanced_mr
+
+    volumes, affine = _mixed_echoes()
+    write_enhanced_mr(volumes, affine, tmp_path / "study" / "IM_0001.dcm", uid_seed=5)
+    study = read_study(tmp_path / "study")
+    assert study.refused == []
+    by_suffix = {c.suffix: c for c in study.volumes}
+    assert sorted(by_suffix) == ["e1", "e1_ph", "e2", "e2_ph"]
+    expected = {"e1": volumes[0], "e1_ph": volumes[1], "e2": volumes[2], "e2_ph": volumes[3]}
+    for suffix, (_, _, stored, slope, intercept) in expected.items():
+        volume = load_volume(by_suffix[suffix])
+        canonical = nib.as_closest_canonical(nib.Nifti1Image(volume.array.astype(np.float64), volume.affine))
+        truth = nib.as_closest_canonical(nib.Nifti1Image(stored * slope + intercept, affine))
+        np.testing.assert_allclose(canonical.affine, truth.affine, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(canonical.dataobj), np.asarray(truth.dataobj), rtol=1e-6, atol=1e-5)

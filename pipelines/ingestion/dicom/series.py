@@ -145,9 +145,10 @@ def _series_candidates(members: list[DicomSlice], tilt: str, min_slices: int) ->
                 if dropped:
                     notes.append(f"{dropped} image(s) with a different {name} set aside")
                 parts = usable
-            ordered = sorted(parts.items(), key=lambda kv: -len(kv[1]))
-            for index, (_, part) in enumerate(ordered, start=1):
-                tag = _type_tag(part[0]) if name == "type" else f"{_SUFFIX[name]}{index}"
+            ordered = _ordered_parts(name, parts)
+            tags = _type_tags([part[0] for _, part in ordered]) if name == "type" else \
+                [f"{_SUFFIX[name]}{index}" for index in range(1, len(ordered) + 1)]
+            for tag, (_, part) in zip(tags, ordered, strict=True):
                 next_groups.append((f"{suffix}_{tag}".strip("_") if len(ordered) > 1 else suffix, part))
         groups = next_groups
     results = []
@@ -173,13 +174,30 @@ _COMPLEX_PARTS = {"M": "mag", "MAGNITUDE": "mag", "P": "ph", "PHASE": "ph", "R":
 def _image_kind(s: DicomSlice) -> tuple[str, str]:
     """What separates volumes in ImageType: original vs derived, and the complex part (magnitude, phase, ...)."""
     origin = s.image_type[0] if s.image_type else ""
+    if s.complex_component in _COMPLEX_PARTS:  # the frame's own Complex Image Component says it first
+        return (origin, _COMPLEX_PARTS[s.complex_component])
     parts = sorted({_COMPLEX_PARTS[v] for v in s.image_type[2:] if v in _COMPLEX_PARTS})
     return (origin, "+".join(parts))
 
 
-def _type_tag(s: DicomSlice) -> str:
-    origin, part = _image_kind(s)
-    return part or origin.lower() or "type"
+def _ordered_parts(name: str, parts: dict[Hashable, list[DicomSlice]]) -> list[tuple[Hashable, list[DicomSlice]]]:
+    """Echoes as dcm2niix numbers them: by EchoNumbers in classic series, in frame order in an enhanced file
+    (where the key is the effective echo time); every other split biggest first."""
+    if name != "echo":
+        return sorted(parts.items(), key=lambda kv: -len(kv[1]))
+    if all(s.frame is not None for part in parts.values() for s in part):
+        return sorted(parts.items(), key=lambda kv: min(s.frame or 0 for s in kv[1]))
+    return sorted(parts.items(), key=lambda kv: _sortable(kv[0]))
+
+
+def _type_tags(firsts: list[DicomSlice]) -> list[str]:
+    """dcm2niix's names for the volumes an image type separates: magnitude untagged, then ``ph``, ``real``,
+    ``imag``; where that leaves two alike (e.g. original and derived magnitude), the origin is added."""
+    kinds = [_image_kind(s) for s in firsts]
+    tags = ["" if part == "mag" else part for _, part in kinds]
+    if len(set(tags)) < len(tags):
+        tags = ["_".join(p for p in (origin.lower(), part) if p) or "type" for origin, part in kinds]
+    return tags
 
 
 _TIME_KEYS: list[tuple[str, Callable[[DicomSlice], Hashable]]] = [

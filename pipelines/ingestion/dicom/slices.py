@@ -77,6 +77,7 @@ class DicomSlice:
     file_rows: int = 0
     file_columns: int = 0
     photometric: str = ""
+    complex_component: str = ""  # MAGNITUDE, PHASE, REAL, IMAGINARY (MIXED or empty: ImageType decides)
 
     def dataset(self) -> Dataset:
         """The file's header (re-read, once per file, for a light slice)."""
@@ -188,6 +189,7 @@ def slices_from_header(ds: Dataset, source: DicomFile, pixel_offset: int | None 
         "trigger_time": _text(ds.get("TriggerTime")),
         "acquisition_time": _text(ds.get("AcquisitionTime")),
         "stack_id": "",
+        "complex_component": _text(ds.get("ComplexImageComponent")).upper(),
         "rescale_slope": _float(ds.get("RescaleSlope"), 1.0) or 1.0,
         "rescale_intercept": _float(ds.get("RescaleIntercept"), 0.0) or 0.0,
     }
@@ -254,6 +256,7 @@ def _enhanced_frames(ds: Dataset, common: dict[str, Any], frames: int) -> Iterat
             return _group_value(groups, shared, sequence, keyword)
 
         frame_type = value("MRImageFrameTypeSequence", "FrameType") or value("CTImageFrameTypeSequence", "FrameType")
+        component = value("MRImageFrameTypeSequence", "ComplexImageComponent") or ds.get("ComplexImageComponent")
         echo_time = value("MREchoSequence", "EffectiveEchoTime")
         yield DicomSlice(
             frame=index,
@@ -269,6 +272,7 @@ def _enhanced_frames(ds: Dataset, common: dict[str, Any], frames: int) -> Iterat
             trigger_time=_text(value("CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime")),
             acquisition_time=_text(value("FrameContentSequence", "FrameAcquisitionDateTime")),
             stack_id=_text(value("FrameContentSequence", "StackID")),
+            complex_component=_text(component).upper(),
             rescale_slope=_float(value("PixelValueTransformationSequence", "RescaleSlope"),
                                  _float(ds.get("RescaleSlope"), 1.0)) or 1.0,
             rescale_intercept=_float(value("PixelValueTransformationSequence", "RescaleIntercept"),
