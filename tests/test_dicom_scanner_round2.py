@@ -147,3 +147,49 @@ def test_enhanced_mr_mixing_magnitude_phase_and_echoes_splits_as_dcm2niix(tmp_pa
         truth = nib.as_closest_canonical(nib.Nifti1Image(stored * slope + intercept, affine))
         np.testing.assert_allclose(canonical.affine, truth.affine, atol=1e-4)
         np.testing.assert_allclose(np.asarray(canonical.dataobj), np.asarray(truth.dataobj), rtol=1e-6, atol=1e-5)
+
+
+def _seg_of_threshold_mask(candidate, tmp_path: Path, name: str) -> tuple[Path, np.ndarray]:  # type: ignore[no-untyped-def]
+    from models.manifest import Label
+    from pipelines.writers.seg import SegAlgorithm, write_dicom_seg
+
+    volume = load_volume(candidate)
+    data = volume.array.astype(np.float32)
+    labels = np.zeros(data.shape, np.uint8)
+    labels[data > np.percentile(data, 70)] = 1
+    labels[data > np.percentile(data, 95)] = 2
+    seg = write_dicom_seg(labels, candidate, [Label(1, "bright"), Label(2, "brightest")],
+                          SegAlgorithm("tessera-test", "1"), tmp_path / f"{name}.dcm")
+    return seg, labels
+
+
+def test_seg_on_an_enhanced_multi_frame_source_references_its_frames(tmp_path: Path) -> None:
+    """One SEG frame per source frame it covers (Referenced SOP Instance UID + Referenced Frame Number), valid
+    by dciodvfy, reading back as the mask; the phase volume of the same file gets its own SEG."""
+    from pipelines.phantom_dicom import write_enhanced_mr
+    from tests.conftest import dciodvfy_errors
+
+    volumes, affine = _mixed_echoes()
+    source = write_enhanced_mr(volumes, affine, tmp_path / "study" / "IM_0001.dcm", uid_seed=6)
+    study = read_study(tmp_path / "study")
+    by_suffix = {c.suffix: c for c in study.volumes}
+    for suffix in ("e2", "e1_ph"):
+        candidate = by_suffix[suffix]
+        seg_path, labels = _seg_of_threshold_mask(candidate, tmp_path, suffix)  # verified on writing, too
+        assert dciodvfy_errors(seg_path, "Segmentation") == []
+        seg = pydicom.dcmread(seg_path)
+        referenced = {int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+                      for f in seg.PerFrameFunctionalGroupsSequence}
+        own = {int(s.frame) + 1 for s in candidate.geometry.slices}  # type: ignore[union-attr]
+        assert referenced and referenced <= own
+        assert {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                for f in seg.PerFrameFunctionalGroupsSequence} == {str(pydicom.dcmread(source).SOPInstanceUID)}
+        del labels
+
+
+def test_seg_on_real_enhanced_siemens_mr(shared_data: Path, tmp_path: Path) -> None:
+    from tests.conftest import dciodvfy_errors
+
+    (candidate,) = read_study(shared_data / "dcm_qa_xa30" / "In" / "5_anat-T1w_acq-tfl").volumes
+    seg_path, _ = _seg_of_threshold_mask(candidate, tmp_path, "xa30")
+    assert dciodvfy_errors(seg_path, "Segmentation") == []

@@ -45,7 +45,7 @@ from pydicom.valuerep import format_number_as_ds
 from models.manifest import Label
 from pipelines.ingestion.dicom.series import VolumeCandidate
 from pipelines.writers.codes import ANATOMICAL_STRUCTURE, segment_codes
-from pipelines.writers.seg import OutputError, SegAlgorithm, _source_datasets, check_source_grid
+from pipelines.writers.seg import OutputError, SegAlgorithm, _source_datasets, check_source_grid, source_frames
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,10 @@ def rt_utils_swaps_pixel_spacing() -> bool:
 def _source_headers(candidate: VolumeCandidate) -> list[Dataset]:
     """The source headers in stack order, repaired as for a SEG (identifiers, character set, values)."""
     try:
+        if source_frames(candidate) is not None:
+            raise OutputError("SEG_SOURCE_UNSUPPORTED", "RTSTRUCT on enhanced multi-frame sources is not supported "
+                                                        "yet (contours reference single-frame images); write a "
+                                                        "DICOM-SEG, which references the source frames")
         datasets = _source_datasets(candidate)
     except OutputError as exc:
         code = "RTSTRUCT_" + exc.code.removeprefix("SEG_")

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -118,9 +119,11 @@ def _source_datasets(candidate: VolumeCandidate) -> list[Dataset]:
     """The source headers, repaired where anonymisation emptied identifiers a SEG must reference."""
     assert candidate.geometry is not None
     slices = candidate.geometry.slices
-    if any(s.frame is not None or s.tile_origin is not None for s in slices):
-        raise OutputError("SEG_SOURCE_UNSUPPORTED", "DICOM-SEG on multi-frame or mosaic sources is not supported yet")
-    datasets = [copy.deepcopy(s.dataset()) for s in slices]  # repairs must not leak into cached headers
+    if any(s.tile_origin is not None for s in slices):
+        raise OutputError("SEG_SOURCE_UNSUPPORTED", "DICOM-SEG on mosaic sources is not supported yet")
+    frames = source_frames(candidate)
+    firsts = slices[:1] if frames is not None else slices  # a multi-frame source: one file, one dataset
+    datasets = [copy.deepcopy(s.dataset()) for s in firsts]  # repairs must not leak into cached headers
     anchor = str(datasets[0].get("FrameOfReferenceUID", "")) or str(datasets[0].file_meta.get(
         "MediaStorageSOPInstanceUID", "tessera"))
     for dataset in datasets:
@@ -148,6 +151,87 @@ def _source_datasets(candidate: VolumeCandidate) -> list[Dataset]:
         log.warning("source series lacks %s (anonymised?); the SEG got generated ones and will not be grouped with "
                     "its source by a PACS", " and ".join(missing))
     return datasets
+
+
+def source_frames(candidate: VolumeCandidate) -> list[int] | None:
+    """For a volume made of frames of one multi-frame file (enhanced CT/MR), the 1-based frame number of each
+    stack slice; ``None`` for single-frame images. Frames of several multi-frame files are not supported."""
+    assert candidate.geometry is not None
+    slices = candidate.geometry.slices
+    if all(s.frame is None for s in slices):
+        return None
+    if any(s.frame is None for s in slices) or len({s.source for s in slices}) > 1:
+        raise OutputError("SEG_SOURCE_UNSUPPORTED", "a volume made of frames of several multi-frame files cannot be "
+                                                    "referenced by one DICOM-SEG yet")
+    return [int(s.frame) + 1 for s in slices]  # type: ignore[arg-type]
+
+
+def _frame_geometry(candidate: VolumeCandidate) -> dict[str, Any]:
+    """The SEG's own plane positions, orientation and pixel measures for a volume taken from a multi-frame file
+    (the file may hold other volumes at the same positions, so they cannot be copied from it)."""
+    geometry = candidate.geometry
+    assert geometry is not None
+    first = geometry.slices[0]
+    assert first.orientation is not None and first.pixel_spacing is not None
+    return {
+        "plane_positions": [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, s.position)
+                            for s in geometry.slices],
+        "plane_orientation": hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, first.orientation),
+        "pixel_measures": hd.PixelMeasuresSequence(first.pixel_spacing, round(geometry.slice_spacing, 6),
+                                                   round(geometry.slice_spacing, 6)),
+    }
+
+
+def _reference_source_frames(seg: Any, candidate: VolumeCandidate, source: Dataset) -> None:
+    """Each SEG frame references the source frame at its position: Referenced SOP Instance UID + Referenced
+    Frame Number in its Derivation Image Sequence, spatial locations preserved."""
+    geometry = candidate.geometry
+    assert geometry is not None
+    frames = source_frames(candidate) or []
+    normal = geometry.slices[0].normal
+    by_distance = {round(float(np.dot(s.position, normal)), 3): frame  # type: ignore[arg-type]
+                   for s, frame in zip(geometry.slices, frames, strict=True)}
+    purpose = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
+    derivation_code = hd.sr.CodedConcept("113076", "DCM", "Segmentation")
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, float)
+        frame = by_distance[round(float(np.dot(position, normal)), 3)]
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        reference.ReferencedFrameNumber = frame
+        reference.PurposeOfReferenceCodeSequence = [purpose]
+        reference.SpatialLocationsPreserved = "YES"
+        derivation = Dataset()
+        derivation.DerivationCodeSequence = [derivation_code]
+        derivation.SourceImageSequence = [reference]
+        item.DerivationImageSequence = [derivation]
+
+
+def _shared_geometry_for_highdicom(dataset: Dataset) -> None:
+    """highdicom reads a multi-frame source's pixel measures and orientation from its shared functional
+    groups; where a scanner put them per frame only (Siemens XA), copy frame 1's into the shared groups of our
+    copy (the values are the same for every frame of one volume)."""
+    shared = dataset.SharedFunctionalGroupsSequence[0]
+    first = dataset.PerFrameFunctionalGroupsSequence[0]
+    for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+        if keyword not in shared and keyword in first:
+            setattr(shared, keyword, copy.deepcopy(first[keyword].value))
+
+
+def _stack_from_seg(seg: Any, candidate: VolumeCandidate, **options: Any) -> np.ndarray:
+    """The SEG's pixels on the source stack's slices, in stack order (slice, row, column[, segment])."""
+    assert candidate.geometry is not None
+    frames = source_frames(candidate)
+    first = candidate.geometry.slices[0].dataset()
+    if frames is not None:
+        uid = first.get("SOPInstanceUID") or first.file_meta.MediaStorageSOPInstanceUID
+        return np.asarray(seg.get_pixels_by_source_frame(source_sop_instance_uid=uid, source_frame_numbers=frames,
+                                                         skip_overlap_checks=True, **options))
+    uids = [s.dataset().get("SOPInstanceUID") or s.dataset().file_meta.MediaStorageSOPInstanceUID
+            for s in candidate.geometry.slices]
+    return np.asarray(seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, skip_overlap_checks=True,
+                                                        **options))
 
 
 def check_source_grid(candidate: VolumeCandidate, shape: tuple[int, ...], kind: str = "SEG") -> None:
@@ -213,6 +297,9 @@ def write_dicom_seg(
     else:
         fractions = np.stack([probabilities[lbl.value] for lbl in ordered], axis=-1)  # (column, row, slice, N)
         kind, pixel_array = hd.seg.SegmentationTypeValues.FRACTIONAL, fractions.transpose(2, 1, 0, 3)
+    multi_frame = source_frames(candidate) is not None
+    if multi_frame:
+        _shared_geometry_for_highdicom(sources[0])
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=np.ascontiguousarray(pixel_array),
@@ -230,7 +317,10 @@ def write_dicom_seg(
         content_label="TESSERA",
         content_description=f"{algorithm.name} {algorithm.version}"[:64],
         omit_empty_frames=omit_empty_frames,
+        **(_frame_geometry(candidate) if multi_frame else {}),
     )
+    if multi_frame:
+        _reference_source_frames(seg, candidate, sources[0])
     seg.save_as(path)
     if probabilities is None:
         verify_seg(path, labels, candidate, [lbl.value for lbl in ordered])
@@ -241,14 +331,8 @@ def write_dicom_seg(
 
 def read_seg_labels(path: Path, candidate: VolumeCandidate, values: Sequence[int]) -> np.ndarray:
     """A SEG read back with highdicom as a label map on the source stack grid ``[column, row, slice]``."""
-    seg = hd.seg.segread(path)
-    assert candidate.geometry is not None
-    uids = [s.dataset().get("SOPInstanceUID") or s.dataset().file_meta.MediaStorageSOPInstanceUID
-            for s in candidate.geometry.slices]
-    stack = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids, combine_segments=True, relabel=False, skip_overlap_checks=True,
-        assert_missing_frames_are_empty=True,
-    )
+    stack = _stack_from_seg(hd.seg.segread(path), candidate, combine_segments=True, relabel=False,
+                            assert_missing_frames_are_empty=True)
     table = np.zeros(len(values) + 1, dtype=np.int32)
     table[1:] = values
     return table[stack].transpose(2, 1, 0)
@@ -256,12 +340,7 @@ def read_seg_labels(path: Path, candidate: VolumeCandidate, values: Sequence[int
 
 def verify_fractional_seg(path: Path, fractions: np.ndarray, candidate: VolumeCandidate, omitted: bool) -> None:
     """Fractional values read back within the 8-bit quantisation (1/255) of what was written."""
-    seg = hd.seg.segread(path)
-    assert candidate.geometry is not None
-    uids = [s.dataset().get("SOPInstanceUID") or s.dataset().file_meta.MediaStorageSOPInstanceUID
-            for s in candidate.geometry.slices]
-    back = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, assert_missing_frames_are_empty=omitted,
-                                             skip_overlap_checks=True)  # (slice, row, column, segment)
+    back = _stack_from_seg(hd.seg.segread(path), candidate, assert_missing_frames_are_empty=omitted)
     expected = fractions.transpose(2, 1, 0, 3)
     error = float(np.abs(back.astype(np.float64) - expected).max()) if back.shape == expected.shape else np.inf
     if error > 1.0 / 255.0 + 1e-6:
