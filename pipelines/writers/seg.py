@@ -174,9 +174,11 @@ def _frame_geometry(candidate: VolumeCandidate) -> dict[str, Any]:
     first = geometry.slices[0]
     assert first.orientation is not None and first.pixel_spacing is not None
     return {
-        "plane_positions": [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, s.position)
+        "plane_positions": [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT,
+                                                     [float(v) for v in s.position])  # type: ignore[union-attr]
                             for s in geometry.slices],
-        "plane_orientation": hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, first.orientation),
+        "plane_orientation": hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT,
+                                                         [float(v) for v in first.orientation]),
         "pixel_measures": hd.PixelMeasuresSequence(first.pixel_spacing, round(geometry.slice_spacing, 6),
                                                    round(geometry.slice_spacing, 6)),
     }
