@@ -4,12 +4,12 @@ Rows (every one scored through the whole pipeline, ``segment_case`` from the cha
 grid, then ``tessera evaluate``'s scoring):
 
 - ``demo``: the shipped diffusion model (``--demo``), not retrained;
-- ``swin_unetr PET+CT``: the paper's kind of baseline, a 2-channel Swin-UNETR (feature size 12) trained by the
-  same ``tessera train`` command with the demo's recorded recipe (iterations, crop, spacing, intensity, seed,
-  learning rate; its window rounded up to a multiple of 32);
-- ``diffusion PET+CT``, ``diffusion PET``, ``diffusion CT``: the demo's recipe at a smaller budget
-  (``--ablation-iterations``, validated once at the end) on both channels, on PET alone and on CT alone (PET
-  resampled onto the CT grid, where the labels are, as inference resamples it).
+- at one smaller budget (``--ablation-iterations``, validated once at the end), each trained by the same
+  ``tessera train`` command with the demo's recorded recipe (crop, spacing, intensity, seed, learning rate,
+  keep-largest labels) on the demo's training set (regenerated: 64 phantoms of seeds 100+):
+  ``diffusion PET+CT``, ``diffusion PET``, ``diffusion CT`` (one channel; PET resampled onto the CT grid, where
+  the labels are, as inference resamples it), and ``swin_unetr PET+CT``, the paper's kind of baseline: a
+  2-channel Swin-UNETR (feature size 12; its window rounded up to a multiple of 32, one crop side of 64).
 
 Test cases: the committed held-out phantoms (sample_data/hnc/imagesTs) and freshly generated ones (seeds the
 training never saw). Mean Dice over GTVp and GTVn per row; for the sampling rows the uncertainty AUROC (wrong vs
@@ -51,25 +51,27 @@ from pipelines.segment import segment_case  # noqa: E402
 SAMPLE = ROOT / "sample_data" / "hnc"
 PET_CT = (Channel("CT", "CT"), Channel("PET", "PT"))
 FRESH_FIRST_SEED = 1000  # the committed phantoms are seeds 0-19
+TRAIN_FIRST_SEED, TRAIN_CASES = 100, 64  # the demo's training set (README: tessera sample-data --first-seed 100)
 ROWS = ("demo", "swin_unetr PET+CT", "diffusion PET+CT", "diffusion PET", "diffusion CT")
 
 
-def single_channel_dataset(source: Path, out: Path, channel: int) -> Path:
-    """``source`` (CT + PET channel files) with one channel only, on the CT grid as a single-file MSD dataset."""
+def single_channel_dataset(source: Path, out: Path, channel: int, split: str) -> Path:
+    """``source``'s ``split`` (CT + PET channel files) with one channel only, on the CT grid, as a single-file MSD
+    dataset."""
     meta = json.loads((source / "dataset.json").read_text())
     splits: dict[str, list[dict[str, Any]]] = {"training": [], "test": []}
-    for split, folder in (("training", "Tr"), ("test", "Ts")):
-        for entry in meta[split]:
-            paths = [source / p for p in entry["image"]]
-            case = paths[0].name.removesuffix("_0000.nii.gz")
-            volume = read_case(paths, PET_CT, case).volume
-            (out / f"images{folder}").mkdir(parents=True, exist_ok=True)
-            (out / f"labels{folder}").mkdir(parents=True, exist_ok=True)
-            image = f"./images{folder}/{case}.nii.gz"
-            nib.save(nib.Nifti1Image(volume.array[channel], volume.affine), out / image)
-            label = f"./labels{folder}/{case}.nii.gz"
-            (out / label).write_bytes((source / entry["label"]).read_bytes())
-            splits[split].append({"image": image, "label": label})
+    folder = "Tr" if split == "training" else "Ts"
+    (out / f"images{folder}").mkdir(parents=True, exist_ok=True)
+    (out / f"labels{folder}").mkdir(parents=True, exist_ok=True)
+    for entry in meta[split]:
+        paths = [source / p for p in entry["image"]]
+        case = paths[0].name.removesuffix("_0000.nii.gz")
+        volume = read_case(paths, PET_CT, case).volume
+        image = f"./images{folder}/{case}.nii.gz"
+        nib.save(nib.Nifti1Image(volume.array[channel], volume.affine), out / image)
+        label = f"./labels{folder}/{case}.nii.gz"
+        (out / label).write_bytes((source / entry["label"]).read_bytes())
+        splits[split].append({"image": image, "label": label})
     modality = ["CT", "PT"][channel]
     return write_dataset_json(out, f"TesseraHeadNeck{modality}", f"{meta['description']}; {modality} channel only",
                               [modality], HNC_LABELS, splits["training"], splits["test"], "bench.hnc_models", 0)
@@ -77,17 +79,21 @@ def single_channel_dataset(source: Path, out: Path, channel: int) -> Path:
 
 def train_like(demo: dict[str, Any], dataset: Path, out: Path, family: str, name: str,
                iterations: int | None = None) -> tuple[Path, float]:
-    """``tessera train`` with the demo's recorded recipe (the family's own network settings for Swin-UNETR, and
-    its window rounded up to a multiple of 32, which Swin-UNETR needs)."""
+    """``tessera train`` with the demo's recorded recipe (the family's own network settings for Swin-UNETR; its
+    window rounded up to a multiple of 32 and one crop side of at least 64, which Swin-UNETR needs)."""
     config = demo["training"]["config"]
-    roi = [-(-side // 32) * 32 for side in config["roi_size"]] if family == "swin_unetr" else config["roi_size"]
+    roi, crop = list(config["roi_size"]), list(config["crop_size"])
+    if family == "swin_unetr":
+        roi = [-(-side // 32) * 32 for side in roi]
+        crop[0] = max(crop[0], 64) if max(crop) < 64 else crop[0]
     args = [sys.executable, "-m", "app.cli.main", "train", str(dataset), "-o", str(out), "--name", name,
             "--family", family, "--iterations", str(iterations or config["iterations"]),
-            "--batch-size", str(config["batch_size"]), "--crop", ",".join(map(str, config["crop_size"])),
+            "--batch-size", str(config["batch_size"]), "--crop", ",".join(map(str, crop)),
             "--roi", ",".join(map(str, roi)), "--spacing", ",".join(map(str, config["spacing"])),
             "--lr", str(config["learning_rate"]), "--seed", str(config["seed"]),
             "--validate-every", str(config["validate_every"] if iterations is None else iterations),
             "--validation-cases", str(config["validation_cases"]), "--intensity", config["intensity"]["kind"],
+            "--keep-largest", ",".join(map(str, demo["keep_largest_component"])) or "none",
             "--device", "cpu"]
     if family == "diffusion":
         network = demo["network"]
@@ -149,17 +155,18 @@ def main() -> None:
         work = Path(args.work or scratch)
         work.mkdir(parents=True, exist_ok=True)
         fresh = write_hnc_dataset(work / "fresh_pet_ct", n_train=0, n_test=args.fresh, first_seed=FRESH_FIRST_SEED)
+        training = write_hnc_dataset(work / "train_pet_ct", n_train=TRAIN_CASES, n_test=0, first_seed=TRAIN_FIRST_SEED)
         pet_ct = {"kept": SAMPLE, "fresh": fresh}
         results: dict[str, Any] = {}
         for row in rows:
             family, channels = row.split(" ") if row != "demo" else ("diffusion", "PET+CT")
             if channels == "PET+CT":
-                datasets, train_set = pet_ct, SAMPLE
+                datasets, train_set = pet_ct, training
             else:
                 channel = 1 if channels == "PET" else 0
-                datasets = {split: single_channel_dataset(path, work / f"{split}_{channels}", channel)
+                datasets = {split: single_channel_dataset(path, work / f"{split}_{channels}", channel, "test")
                             for split, path in pet_ct.items()}
-                train_set = datasets["kept"]
+                train_set = single_channel_dataset(training, work / f"train_{channels}", channel, "training")
             entry: dict[str, Any] = {"family": family, "channels": channels}
             if row == "demo":
                 manifest_path = demo_dir / "manifest.json"
@@ -168,7 +175,7 @@ def main() -> None:
                 entry["training_seconds"] = demo["training"]["seconds"]
             else:
                 name = row.replace(" ", "-").replace("+", "-").lower()
-                iterations = None if family == "swin_unetr" else args.ablation_iterations
+                iterations = args.ablation_iterations
                 manifest_path, seconds = train_like(demo, train_set, work / "models" / name, family, name, iterations)
                 entry["model"] = name
                 entry["iterations"] = iterations or demo["training"]["config"]["iterations"]

@@ -64,3 +64,33 @@ def test_mamba_demo_through_dicom_with_seg_stats_and_preview(tmp_path):
     scores = score_case(np.asarray(mask.dataobj, dtype=np.uint8), np.asarray(truth.dataobj, dtype=np.uint8),
                         manifest.label_names(), (2.0, 2.0, 3.0))
     assert mean_dice(scores) > 0.9, scores
+
+
+DIFFUSION_DEMO = "diffusion-hnc-phantom"
+DIFFUSION_SHIPPED = (SAMPLE.parent / "models" / "weights" / DIFFUSION_DEMO / "manifest.json").is_file()
+needs_diffusion_demo = pytest.mark.skipif(not DIFFUSION_SHIPPED, reason="diffusion-hnc-phantom is not shipped yet")
+
+
+@needs_diffusion_demo
+def test_diffusion_demo_on_a_pet_ct_phantom_it_never_saw_reproducibly(tmp_path):
+    """A fresh PET/CT phantom through the sampler at the CPU budget: the tumour and nodes found, and the same
+    seed gives the same masks and uncertainty bit for bit."""
+    from models.manifest import Channel
+    from pipelines.ingestion.reading import read_case
+    from pipelines.phantoms_hnc import make_hnc_phantom
+
+    phantom = make_hnc_phantom(4242)
+    folder = tmp_path
+    nib.save(phantom.ct, folder / "fresh_0000.nii.gz")
+    nib.save(phantom.pet, folder / "fresh_0001.nii.gz")
+    manifest = resolve_model(DIFFUSION_DEMO)
+    image = read_case([folder / "fresh_0000.nii.gz", folder / "fresh_0001.nii.gz"],
+                      (Channel("CT", "CT"), Channel("PET", "PT")), "fresh").volume
+    predictor = Predictor(manifest, device="cpu")
+    assert predictor.weights_sha256 == manifest.weights.sha256
+    first, second = segment_volume(image, predictor), segment_volume(image, predictor)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    np.testing.assert_array_equal(first.maps["uncertainty"], second.maps["uncertainty"])
+    scores = score_case(first.labels, np.asarray(phantom.label.dataobj, np.uint8), manifest.label_names(),
+                        image.spacing)
+    assert mean_dice(scores) > 0.7, scores

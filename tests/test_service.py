@@ -282,6 +282,53 @@ def test_bad_uploads_are_refused_with_a_code(server: Server, alice: httpx.Client
     assert httpx.get(f"{server.base_url}/healthz").status_code == 200
 
 
+def _study_zip(folder: Path, name: str, with_pet: bool = True) -> Path:
+    from pipelines.phantom_dicom import write_hnc_study
+
+    study = folder / f"{name}_study"
+    write_hnc_study(16, study, uid_seed=11, with_pet=with_pet)
+    archive = folder / f"{name}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for path in sorted(p for p in study.rglob("*") if p.is_file()):
+            out.write(path, f"study/{path.relative_to(study)}")
+    return archive
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "weights" / "diffusion-hnc-phantom" / "manifest.json").is_file(),
+                    reason="diffusion-hnc-phantom is not shipped yet")
+def test_a_pet_ct_study_through_the_diffusion_demo_model(server: Server, alice: httpx.Client, tmp_path: Path) -> None:
+    """A PET + CT DICOM study in one zip: the diffusion demo model reads both series into its channels and returns
+    the mask, a SEG, the uncertainty maps and stats; the form's sampler settings reach the report; a study without
+    its PET fails with the code that names the missing modality; bad sampler settings are 422 at upload."""
+    archive = _study_zip(tmp_path, "petct")
+    response = post_job(alice, archive, model="diffusion-hnc-phantom", formats="nifti,dicom-seg,stats",
+                        steps="2", members="2", seed="5")
+    assert response.status_code == 202, response.text
+    job = wait_for(alice, response.json()["id"])
+    assert job["state"] == "succeeded", job
+    assert {"mask.nii.gz", "seg.dcm", "stats.json", "uncertainty.nii.gz"} <= {a["name"] for a in job["artifacts"]}
+    report = alice.get(f"{job['url']}/artifacts/report.json").json()
+    runtime = report["settings"]["network_runtime"]
+    assert (runtime["sampler"]["steps"], runtime["sampler"]["members"], runtime["sampler"]["seed"]) == (2, 2, 5)
+    assert [c["modality"] for c in report["input_provenance"]["channels"]] == ["CT", "PT"]
+    mask = _download_mask(alice, job, tmp_path / "mask.nii.gz")
+    labels = np.asarray(mask.dataobj)
+    assert {1, 2} <= set(np.unique(labels)), "the demo model finds the tumour and the node"
+    uncertainty = alice.get(f"{job['url']}/artifacts/uncertainty.nii.gz")
+    (tmp_path / "u.nii.gz").write_bytes(uncertainty.content)
+    assert nib.load(tmp_path / "u.nii.gz").shape == (*labels.shape, 4)  # std and entropy of GTVp and GTVn
+    stats = alice.get(f"{job['url']}/artifacts/stats.json").json()["labels"]
+    assert all("uncertainty_mean" in row for row in stats)
+    without_pet = post_job(alice, _study_zip(tmp_path, "ct_only", with_pet=False), model="diffusion-hnc-phantom",
+                           steps="1", members="1")
+    failed = wait_for(alice, without_pet.json()["id"])
+    assert failed["state"] == "failed" and failed["error"]["code"] == "MODALITY_MISMATCH", failed
+    assert "PT" in failed["error"]["message"]
+    _assert_problem(post_job(alice, archive, model="diffusion-hnc-phantom", steps="0"), 422, "SAMPLING_INVALID")
+    _assert_problem(post_job(alice, archive, model="diffusion-hnc-phantom", members="many"), 422, "SAMPLING_INVALID")
+    _assert_problem(post_job(alice, archive, steps="3"), 422, "SAMPLING_NOT_SUPPORTED")
+
+
 def test_form_mistakes_are_4xx(alice: httpx.Client, nifti_case: Path) -> None:
     _assert_problem(alice.post("/v1/jobs", data={"model": "tiny"}, files=[("other", ("x", b"1"))]), 422, "NO_FILE")
     _assert_problem(post_job(alice, nifti_case, colour="blue"), 422, "REQUEST_INVALID")
