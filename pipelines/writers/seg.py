@@ -221,17 +221,21 @@ def _shared_geometry_for_highdicom(dataset: Dataset) -> None:
             setattr(shared, keyword, copy.deepcopy(first[keyword].value))
 
 
+def _sop_instance_uid(dataset: Dataset) -> str:
+    """The instance's SOP Instance UID, from the file meta where anonymisation removed it."""
+    return str(dataset.get("SOPInstanceUID") or dataset.file_meta.MediaStorageSOPInstanceUID)
+
+
 def _stack_from_seg(seg: Any, candidate: VolumeCandidate, **options: Any) -> np.ndarray:
     """The SEG's pixels on the source stack's slices, in stack order (slice, row, column[, segment])."""
     assert candidate.geometry is not None
     frames = source_frames(candidate)
     first = candidate.geometry.slices[0].dataset()
     if frames is not None:
-        uid = first.get("SOPInstanceUID") or first.file_meta.MediaStorageSOPInstanceUID
+        uid = _sop_instance_uid(first)
         return np.asarray(seg.get_pixels_by_source_frame(source_sop_instance_uid=uid, source_frame_numbers=frames,
                                                          skip_overlap_checks=True, **options))
-    uids = [s.dataset().get("SOPInstanceUID") or s.dataset().file_meta.MediaStorageSOPInstanceUID
-            for s in candidate.geometry.slices]
+    uids = [_sop_instance_uid(s.dataset()) for s in candidate.geometry.slices]
     return np.asarray(seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, skip_overlap_checks=True,
                                                         **options))
 
