@@ -94,7 +94,7 @@ def train_like(demo: dict[str, Any], dataset: Path, out: Path, family: str, name
             "--validate-every", str(config["validate_every"] if iterations is None else iterations),
             "--validation-cases", str(config["validation_cases"]), "--intensity", config["intensity"]["kind"],
             "--keep-largest", ",".join(map(str, demo["keep_largest_component"])) or "none",
-            "--device", "cpu"]
+            "--crop-centres", config.get("crop_centres", "foreground"), "--device", "cpu"]
     if family == "diffusion":
         network = demo["network"]
         args += ["--unet-channels", ",".join(map(str, network["channels"])),

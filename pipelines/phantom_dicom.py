@@ -480,6 +480,7 @@ def write_hnc_study(seed: int, out_dir: str | Path, *, uid_seed: str | int | Non
 
 
 EnhancedMRImageStorage = UID("1.2.840.10008.5.1.4.1.1.4.1")
+MRImageStorage = UID("1.2.840.10008.5.1.4.1.1.4")
 
 
 def write_enhanced_mr(
@@ -560,3 +561,75 @@ def write_enhanced_mr(
 
 
 _FRAME_TYPE_PART = {"MAGNITUDE": "M", "PHASE": "P", "REAL": "R", "IMAGINARY": "I"}
+
+
+UIH_PRIVATE_CREATOR = "Image Private Header"
+
+
+def write_uih_grid_series(
+    volumes: Sequence[np.ndarray],
+    affine_ras: np.ndarray,
+    out_dir: str | Path,
+    *,
+    uid_seed: str | int | None = None,
+    slice_positions: bool = True,
+    series_number: int = 401,
+    series_description: str = "Tessera UIH grid DWI",
+) -> list[Path]:
+    """A United Imaging "grid" MR series (diffusion saved by volume): one classic MR image per volume whose
+    pixels hold all its slices as tiles of a square grid (slice ``k`` at tile row ``k // n``, column ``k % n``,
+    ``n = ceil(sqrt(slices))``, as dcm2niix and GDCM read them). The image has no ImagePositionPatient of its
+    own; the private block "Image Private Header" in group 0065 holds the slice count (0065,xx50) and, with
+    ``slice_positions``, one ImagePositionPatient per slice in a sequence (0065,xx51). ``volumes`` holds stored
+    uint16 values ``[i, j, k]``, geometry as :func:`write_ct_series`; volume ``v`` has AcquisitionNumber v + 1."""
+    affine = np.asarray(affine_ras, dtype=np.float64)
+    lps, origin = _FLIP @ affine[:3, :3], _FLIP @ affine[:3, 3]
+    column_spacing, row_spacing = float(np.linalg.norm(lps[:, 0])), float(np.linalg.norm(lps[:, 1]))
+    row_cosine, column_cosine = lps[:, 0] / column_spacing, lps[:, 1] / row_spacing
+    shape = volumes[0].shape
+    side = int(np.ceil(np.sqrt(shape[2])))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, stored in enumerate(volumes):
+        ds = _base_dataset(sop_instance_uid=_uid(uid_seed, "uih-grid", series_number, index),
+                           study_uid=_uid(uid_seed, "study"), series_uid=_uid(uid_seed, "series", series_number),
+                           frame_of_reference_uid=_uid(uid_seed, "frame-of-reference"), series_number=series_number,
+                           series_description=series_description, patient_id="PHANTOM",
+                           patient_name="Phantom^Tessera", image_type=("ORIGINAL", "PRIMARY", "M", "DIFFUSION"))
+        ds.SOPClassUID, ds.Modality, ds.Manufacturer = MRImageStorage, "MR", "UIH"
+        for keyword in ("KVP", "RescaleType", "WindowCenter", "WindowWidth"):
+            delattr(ds, keyword)
+        ds.InstanceNumber, ds.AcquisitionNumber = index + 1, index + 1
+        ds.ImageOrientationPatient = _ds_list([*row_cosine, *column_cosine])
+        ds.PixelSpacing = _ds_list([row_spacing, column_spacing])
+        ds.SliceThickness = _ds(abs(float(np.dot(lps[:, 2], np.cross(row_cosine, column_cosine)))))
+        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "EP", "SK", "", "2D"
+        ds.EchoTrainLength = 1
+        block = ds.private_block(0x0065, UIH_PRIVATE_CREATOR, create=True)
+        block.add_new(0x50, "DS", str(shape[2]))
+        if slice_positions:
+            items = []
+            for k in range(shape[2]):
+                item = Dataset()
+                item.ImagePositionPatient = _ds_list(origin + k * lps[:, 2])
+                items.append(item)
+            block.add_new(0x51, "SQ", items)
+        grid = np.zeros((side * shape[1], side * shape[0]), np.uint16)
+        for k in range(shape[2]):
+            row, column = (k // side) * shape[1], (k % side) * shape[0]
+            grid[row:row + shape[1], column:column + shape[0]] = np.asarray(stored[:, :, k].T, dtype=np.uint16)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = grid.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
+        ds.PixelData = grid.tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        path = out / f"IM_{index + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

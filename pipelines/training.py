@@ -27,6 +27,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -78,6 +79,7 @@ class TrainingConfig:
     loss: str | None = None  # "dicece" or "compound"; None: the family's default
     recipe: str = "default"  # "default": AdamW + one-cycle at learning_rate; "reference": the family's paper recipe
     keep_largest: list[int] | None = None  # labels kept as their largest component at inference; None: all
+    crop_centres: str = "foreground"  # "foreground": 2 of 3 crops on any structure; "classes": equal per class
 
     def training_recipe(self, family: Family) -> TrainingRecipe:
         if self.recipe == "default":
@@ -180,8 +182,7 @@ def _loader(manifest: ModelManifest, cases: list[dict[str, Any]], config: Traini
         EnsureTyped(keys=keys, track_meta=False),
     ])
     random = Compose([
-        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=config.crop_size, pos=2, neg=1,
-                               num_samples=config.batch_size),
+        _random_crop(keys, config, len(manifest.labels)),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
     ])
@@ -190,6 +191,23 @@ def _loader(manifest: ModelManifest, cases: list[dict[str, Any]], config: Traini
     cached = CacheDataset(items, transform=Compose([transforms, random]), cache_rate=1.0, num_workers=0,
                           progress=False)
     return DataLoader(cached, batch_size=1, shuffle=True, num_workers=0)
+
+
+CROP_CENTRES = ("foreground", "classes")
+
+
+def _random_crop(keys: tuple[str, ...], config: TrainingConfig, foreground_classes: int) -> Any:
+    """Crops centred on a structure 2 times in 3 (``foreground``), or on each class, background included, equally
+    often (``classes``: small structures such as nodes are seen as often as a large primary tumour)."""
+    if config.crop_centres == "foreground":
+        return RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=config.crop_size, pos=2, neg=1,
+                                      num_samples=config.batch_size)
+    if config.crop_centres == "classes":
+        return RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=config.crop_size,
+                                       num_classes=foreground_classes + 1, ratios=[1.0] * (foreground_classes + 1),
+                                       num_samples=config.batch_size, warn=False)
+    raise UsageError("BAD_ARGUMENT", f"crop centres must be one of {', '.join(CROP_CENTRES)}; "
+                                     f"got {config.crop_centres!r}")
 
 
 def train(

@@ -193,3 +193,41 @@ def test_seg_on_real_enhanced_siemens_mr(shared_data: Path, tmp_path: Path) -> N
     (candidate,) = read_study(shared_data / "dcm_qa_xa30" / "In" / "5_anat-T1w_acq-tfl").volumes
     seg_path, _ = _seg_of_threshold_mask(candidate, tmp_path, "xa30")
     assert dciodvfy_errors(seg_path, "Segmentation") == []
+
+
+def _uih_volumes() -> tuple[list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(12)
+    volumes = [rng.integers(0, 4000, (10, 12, 7)).astype(np.uint16) for _ in range(3)]
+    theta = np.deg2rad(12)
+    rotation = np.array([[np.cos(theta), 0, np.sin(theta)], [0, 1, 0], [-np.sin(theta), 0, np.cos(theta)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([2.0, 2.2, 3.5])
+    affine[:3, 3] = [-10.0, 20.0, -30.0]
+    return volumes, affine
+
+
+def test_a_united_imaging_grid_series_is_read_through_its_private_slice_positions(tmp_path: Path) -> None:
+    from pipelines.phantom_dicom import write_uih_grid_series
+
+    volumes, affine = _uih_volumes()
+    write_uih_grid_series(volumes, affine, tmp_path / "study", uid_seed=7)
+    study = read_study(tmp_path / "study")
+    assert study.refused == []
+    assert len(study.volumes) == 3
+    for candidate, stored in zip(study.volumes, volumes, strict=True):
+        volume = load_volume(candidate)
+        canonical = nib.as_closest_canonical(nib.Nifti1Image(volume.array.astype(np.float64), volume.affine))
+        truth = nib.as_closest_canonical(nib.Nifti1Image(stored.astype(np.float64), affine))
+        np.testing.assert_allclose(canonical.affine, truth.affine, atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(canonical.dataobj), np.asarray(truth.dataobj))
+
+
+def test_a_united_imaging_grid_without_slice_positions_is_refused_as_what_it_is(tmp_path: Path) -> None:
+    from pipelines.phantom_dicom import write_uih_grid_series
+
+    volumes, affine = _uih_volumes()
+    write_uih_grid_series(volumes, affine, tmp_path / "study", uid_seed=8, slice_positions=False)
+    study = read_study(tmp_path / "study")
+    assert study.volumes == [] or all(not c.ok for c in study.volumes)
+    codes = {code for c in study.refused for code in c.codes}
+    assert codes == {"UIH_GRID_WITHOUT_POSITIONS"}

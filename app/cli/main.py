@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--keep-largest", default="all",
                      help="labels whose largest connected component alone is kept at inference: all (default), "
                           "none, or values such as 1 (a primary tumour is one object, its nodes are several)")
+    trn.add_argument("--crop-centres", choices=("foreground", "classes"), default="foreground",
+                     help="foreground (default): 2 of 3 crops centred on any structure; classes: on each label and "
+                          "the background equally often (small structures seen as often as large ones)")
     trn.add_argument("--init", default=None, help="start from this checkpoint (same network settings)")
     trn.add_argument("--save-fp16", action="store_true", help="store the weights as float16 (half the size)")
     trn.add_argument("--device", default="auto")

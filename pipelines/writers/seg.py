@@ -120,7 +120,8 @@ def _source_datasets(candidate: VolumeCandidate) -> list[Dataset]:
     assert candidate.geometry is not None
     slices = candidate.geometry.slices
     if any(s.tile_origin is not None for s in slices):
-        raise OutputError("SEG_SOURCE_UNSUPPORTED", "DICOM-SEG on mosaic sources is not supported yet")
+        raise OutputError("SEG_SOURCE_UNSUPPORTED", "DICOM-SEG on tiled sources (a Siemens mosaic, a United Imaging "
+                                                    "grid) is not supported yet")
     frames = source_frames(candidate)
     firsts = slices[:1] if frames is not None else slices  # a multi-frame source: one file, one dataset
     datasets = [copy.deepcopy(s.dataset()) for s in firsts]  # repairs must not leak into cached headers

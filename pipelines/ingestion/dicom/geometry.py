@@ -72,6 +72,9 @@ def check_stack(
     """
     tolerance = tolerance or SpacingTolerance()
     missing = [s for s in slices if s.position is None or s.orientation is None or s.pixel_spacing is None]
+    known = [s.missing_geometry for s in missing if s.missing_geometry is not None]
+    if known:
+        raise GeometryError([known[0]])
     if missing:
         message = (f"{len(missing)} image(s) lack ImagePositionPatient, ImageOrientationPatient or PixelSpacing; "
                    "cannot place them in space")

@@ -68,7 +68,7 @@ class DicomSlice:
     stack_id: str
     rescale_slope: float
     rescale_intercept: float
-    tile_origin: tuple[int, int] | None = None  # (row, column) of this slice's tile in a Siemens mosaic
+    tile_origin: tuple[int, int] | None = None  # (row, column) of this slice's tile in a mosaic or UIH grid
     pixel_offset: int | None = None  # byte offset of the PixelData element in a plain file
     bits_allocated: int = 0
     bits_stored: int = 0
@@ -78,6 +78,7 @@ class DicomSlice:
     file_columns: int = 0
     photometric: str = ""
     complex_component: str = ""  # MAGNITUDE, PHASE, REAL, IMAGINARY (MIXED or empty: ImageType decides)
+    missing_geometry: tuple[str, str] | None = None  # (code, message) when the kind of image says why
 
     def dataset(self) -> Dataset:
         """The file's header (re-read, once per file, for a light slice)."""
@@ -196,6 +197,10 @@ def slices_from_header(ds: Dataset, source: DicomFile, pixel_offset: int | None 
     if frames == 1 and "MOSAIC" in base["image_type"]:
         yield from _mosaic_tiles(ds, base)
         return
+    grid_slices = _uih_grid_count(ds) if frames == 1 else 0
+    if grid_slices > 1:
+        yield from _uih_grid_tiles(ds, base, grid_slices)
+        return
     if frames == 1:
         yield DicomSlice(frame=None, **base)
         return
@@ -242,6 +247,48 @@ def _mosaic_tiles(ds: Dataset, base: dict[str, Any]) -> Iterator[DicomSlice]:
         origin = ((tile // tiles_per_side) * rows, (tile % tiles_per_side) * columns)
         yield DicomSlice(frame=None, **{**base, "rows": rows, "columns": columns, "tile_origin": origin,
                                         "position": first + tile * step * normal})
+
+
+UIH_PRIVATE_CREATOR = "Image Private Header"
+UIH_MANUFACTURERS = ("UIH", "UNITED IMAGING")
+
+
+def _uih_private(ds: Dataset, element: int) -> Any:
+    """An element of United Imaging's private block (group 0065, creator "Image Private Header"); the fixed
+    (0065,10xx) slot dcm2niix reads when the creator is missing. None when absent."""
+    try:
+        tag = ds.private_block(0x0065, UIH_PRIVATE_CREATOR).get_tag(element)
+    except KeyError:
+        tag = 0x00651000 | element
+    return ds[tag].value if tag in ds else None
+
+
+def _uih_grid_count(ds: Dataset) -> int:
+    """Slices in a United Imaging grid image (0065,xx50: number of images in the grid); 0 for anything else."""
+    if not str(ds.get("Manufacturer", "")).upper().startswith(UIH_MANUFACTURERS):
+        return 0
+    count = _float(_uih_private(ds, 0x50))
+    return int(count) if count and count > 1 and float(count).is_integer() else 0
+
+
+def _uih_grid_tiles(ds: Dataset, base: dict[str, Any], count: int) -> Iterator[DicomSlice]:
+    """A United Imaging grid ("SaveBySlc" off: one image per volume): slice ``k`` in tile row ``k // n``, column
+    ``k % n`` of a square grid of side ``n = ceil(sqrt(count))``, each tile placed by its own
+    ImagePositionPatient in the private per-slice sequence (0065,xx51). Without those positions the slices
+    cannot be placed: refused as UIH_GRID_WITHOUT_POSITIONS."""
+    side = int(np.ceil(np.sqrt(count)))
+    rows, columns = base["rows"] // side, base["columns"] // side
+    items = _uih_private(ds, 0x51)
+    positions = [_vector(item.get("ImagePositionPatient"), 3) for item in items] if items else []
+    if len(positions) != count or any(p is None for p in positions) or not rows or not columns:
+        reason = ("UIH_GRID_WITHOUT_POSITIONS", f"a United Imaging grid image of {count} slices without a "
+                  "position for each slice (private sequence 0065,xx51): its slices cannot be placed in space")
+        yield DicomSlice(frame=None, **{**base, "position": None, "missing_geometry": reason})
+        return
+    for tile, position in enumerate(positions):
+        origin = ((tile // side) * rows, (tile % side) * columns)
+        yield DicomSlice(frame=None, **{**base, "rows": rows, "columns": columns, "tile_origin": origin,
+                                        "position": position})
 
 
 def _enhanced_frames(ds: Dataset, common: dict[str, Any], frames: int) -> Iterator[DicomSlice]:
