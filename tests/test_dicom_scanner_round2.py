@@ -222,6 +222,20 @@ def test_a_united_imaging_grid_series_is_read_through_its_private_slice_position
         np.testing.assert_array_equal(np.asarray(canonical.dataobj), np.asarray(truth.dataobj))
 
 
+def test_seg_on_a_united_imaging_grid_volume_is_valid_and_reads_back(tmp_path: Path) -> None:
+    from pipelines.phantom_dicom import write_uih_grid_series
+    from tests.conftest import dciodvfy_errors
+    from tests.test_seg_sweep import _world_offsets_mm
+
+    volumes, affine = _uih_volumes()
+    write_uih_grid_series(volumes, affine, tmp_path / "study", uid_seed=9)
+    candidate = read_study(tmp_path / "study").volumes[1]
+    seg_path, labels = _seg_of_threshold_mask(candidate, tmp_path, "grid")  # verified on writing, too
+    assert dciodvfy_errors(seg_path, "Segmentation") == []
+    worst, wrong = _world_offsets_mm(seg_path, labels, load_volume(candidate).affine)
+    assert wrong == 0 and worst <= 0.1
+
+
 def test_a_united_imaging_grid_without_slice_positions_is_refused_as_what_it_is(tmp_path: Path) -> None:
     from pipelines.phantom_dicom import write_uih_grid_series
 

@@ -45,7 +45,14 @@ from pydicom.valuerep import format_number_as_ds
 from models.manifest import Label
 from pipelines.ingestion.dicom.series import VolumeCandidate
 from pipelines.writers.codes import ANATOMICAL_STRUCTURE, segment_codes
-from pipelines.writers.seg import OutputError, SegAlgorithm, _source_datasets, check_source_grid, source_frames
+from pipelines.writers.seg import (
+    OutputError,
+    SegAlgorithm,
+    _source_datasets,
+    check_source_grid,
+    is_tiled,
+    source_frames,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +123,10 @@ def _source_headers(candidate: VolumeCandidate) -> list[Dataset]:
             raise OutputError("SEG_SOURCE_UNSUPPORTED", "RTSTRUCT on enhanced multi-frame sources is not supported "
                                                         "yet (contours reference single-frame images); write a "
                                                         "DICOM-SEG, which references the source frames")
+        if is_tiled(candidate):
+            raise OutputError("SEG_SOURCE_UNSUPPORTED", "RTSTRUCT on tiled sources (a mosaic, a grid) is not "
+                                                        "supported (contours reference whole images); write a "
+                                                        "DICOM-SEG")
         datasets = _source_datasets(candidate)
     except OutputError as exc:
         code = "RTSTRUCT_" + exc.code.removeprefix("SEG_")

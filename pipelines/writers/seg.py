@@ -27,6 +27,7 @@ from pydicom.valuerep import validate_value
 from models.manifest import Label
 from pipelines.errors import TesseraError
 from pipelines.ingestion.dicom.series import VolumeCandidate
+from pipelines.ingestion.dicom.slices import DicomSlice
 from pipelines.writers.codes import segment_codes
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,12 @@ def _source_datasets(candidate: VolumeCandidate) -> list[Dataset]:
     """The source headers, repaired where anonymisation emptied identifiers a SEG must reference."""
     assert candidate.geometry is not None
     slices = candidate.geometry.slices
-    if any(s.tile_origin is not None for s in slices):
-        raise OutputError("SEG_SOURCE_UNSUPPORTED", "DICOM-SEG on tiled sources (a Siemens mosaic, a United Imaging "
-                                                    "grid) is not supported yet")
+    tiled = is_tiled(candidate)
     frames = source_frames(candidate)
-    firsts = slices[:1] if frames is not None else slices  # a multi-frame source: one file, one dataset
+    firsts = slices[:1] if frames is not None or tiled else slices  # multi-frame or tiled: one file, one dataset
     datasets = [copy.deepcopy(s.dataset()) for s in firsts]  # repairs must not leak into cached headers
+    if tiled:
+        _as_one_tile(datasets[0], slices[0])
     anchor = str(datasets[0].get("FrameOfReferenceUID", "")) or str(datasets[0].file_meta.get(
         "MediaStorageSOPInstanceUID", "tessera"))
     for dataset in datasets:
@@ -152,6 +153,26 @@ def _source_datasets(candidate: VolumeCandidate) -> list[Dataset]:
         log.warning("source series lacks %s (anonymised?); the SEG got generated ones and will not be grouped with "
                     "its source by a PACS", " and ".join(missing))
     return datasets
+
+
+def is_tiled(candidate: VolumeCandidate) -> bool:
+    """A volume cut from the tiles of one image (a Siemens mosaic, a United Imaging grid); refused when its
+    tiles come from several images (no such export is known)."""
+    assert candidate.geometry is not None
+    slices = candidate.geometry.slices
+    if all(s.tile_origin is None for s in slices):
+        return False
+    if any(s.tile_origin is None for s in slices) or len({s.source for s in slices}) > 1:
+        raise OutputError("SEG_SOURCE_UNSUPPORTED", "a volume made of tiles of several images cannot be referenced "
+                                                    "by one DICOM-SEG")
+    return True
+
+
+def _as_one_tile(dataset: Dataset, first: DicomSlice) -> None:
+    """Our copy of a tiled source as highdicom checks it: one tile's size and the first tile's position (the
+    SEG gets its own plane positions, and references the image itself, not frames of it)."""
+    dataset.Rows, dataset.Columns = first.rows, first.columns
+    dataset.ImagePositionPatient = [float(v) for v in first.position]  # type: ignore[union-attr]
 
 
 def source_frames(candidate: VolumeCandidate) -> list[int] | None:
@@ -211,15 +232,42 @@ def _reference_source_frames(seg: Any, candidate: VolumeCandidate, source: Datas
         item.DerivationImageSequence = [derivation]
 
 
-def _shared_geometry_for_highdicom(dataset: Dataset) -> None:
+def _shared_geometry_for_highdicom(dataset: Dataset, candidate: VolumeCandidate) -> None:
     """highdicom reads a multi-frame source's pixel measures and orientation from its shared functional
     groups; where a scanner put them per frame only (Siemens XA), copy frame 1's into the shared groups of our
-    copy (the values are the same for every frame of one volume)."""
+    copy (the values are the same for every frame of one volume). A legacy multi-frame file (no functional
+    groups, or per-frame ones only) gets what it lacks in our copy from the geometry the reader measured."""
+    if "PerFrameFunctionalGroupsSequence" not in dataset or "SharedFunctionalGroupsSequence" not in dataset:
+        _functional_groups_from_geometry(dataset, candidate)
     shared = dataset.SharedFunctionalGroupsSequence[0]
     first = dataset.PerFrameFunctionalGroupsSequence[0]
     for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
         if keyword not in shared and keyword in first:
             setattr(shared, keyword, copy.deepcopy(first[keyword].value))
+
+
+def _functional_groups_from_geometry(dataset: Dataset, candidate: VolumeCandidate) -> None:
+    assert candidate.geometry is not None
+    first = candidate.geometry.slices[0]
+    assert first.orientation is not None and first.pixel_spacing is not None
+    by_frame = {int(s.frame): s for s in candidate.geometry.slices}  # type: ignore[arg-type]
+    shared, measures, orientation = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing = list(first.pixel_spacing)
+    measures.SliceThickness = round(candidate.geometry.slice_spacing, 6)
+    orientation.ImageOrientationPatient = [float(v) for v in first.orientation]
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
+    if "SharedFunctionalGroupsSequence" not in dataset:
+        dataset.SharedFunctionalGroupsSequence = [shared]
+    if "PerFrameFunctionalGroupsSequence" in dataset:
+        return
+    frames = []
+    for index in range(int(dataset.get("NumberOfFrames", 1) or 1)):
+        position, group = Dataset(), Dataset()
+        s = by_frame.get(index, first)
+        position.ImagePositionPatient = [float(v) for v in s.position]  # type: ignore[union-attr]
+        group.PlanePositionSequence = [position]
+        frames.append(group)
+    dataset.PerFrameFunctionalGroupsSequence = frames
 
 
 def _sop_instance_uid(dataset: Dataset) -> str:
@@ -232,6 +280,8 @@ def _stack_from_seg(seg: Any, candidate: VolumeCandidate, **options: Any) -> np.
     assert candidate.geometry is not None
     frames = source_frames(candidate)
     first = candidate.geometry.slices[0].dataset()
+    if is_tiled(candidate):
+        return _stack_by_position(seg, candidate, **options)
     if frames is not None:
         uid = _sop_instance_uid(first)
         return np.asarray(seg.get_pixels_by_source_frame(source_sop_instance_uid=uid, source_frame_numbers=frames,
@@ -239,6 +289,24 @@ def _stack_from_seg(seg: Any, candidate: VolumeCandidate, **options: Any) -> np.
     uids = [_sop_instance_uid(s.dataset()) for s in candidate.geometry.slices]
     return np.asarray(seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, skip_overlap_checks=True,
                                                         **options))
+
+
+def _stack_by_position(seg: Any, candidate: VolumeCandidate, **options: Any) -> np.ndarray:
+    """The SEG read as a volume in its own geometry (highdicom), each stack slice taken at its position."""
+    assert candidate.geometry is not None
+    options.pop("assert_missing_frames_are_empty", None)  # a volume has no missing frames to check
+    volume = seg.get_volume(**options)
+    to_index = np.linalg.inv(volume.affine)
+    array = np.asarray(volume.array)
+    first = candidate.geometry.slices[0]
+    stack = np.zeros((len(candidate.geometry.slices), first.rows, first.columns, *array.shape[3:]), array.dtype)
+    for k, s in enumerate(candidate.geometry.slices):
+        index = to_index[:3, :3] @ np.asarray(s.position, float) + to_index[:3, 3]
+        if not np.allclose(index, np.rint(index), atol=1e-3) or abs(index[1]) > 1e-3 or abs(index[2]) > 1e-3:
+            raise OutputError("SEG_VERIFY_FAILED", "the SEG's planes do not lie on the source tiles")
+        if 0 <= int(np.rint(index[0])) < array.shape[0]:
+            stack[k] = array[int(np.rint(index[0]))]
+    return stack
 
 
 def check_source_grid(candidate: VolumeCandidate, shape: tuple[int, ...], kind: str = "SEG") -> None:
@@ -305,8 +373,9 @@ def write_dicom_seg(
         fractions = np.stack([probabilities[lbl.value] for lbl in ordered], axis=-1)  # (column, row, slice, N)
         kind, pixel_array = hd.seg.SegmentationTypeValues.FRACTIONAL, fractions.transpose(2, 1, 0, 3)
     multi_frame = source_frames(candidate) is not None
+    own_geometry = multi_frame or is_tiled(candidate)
     if multi_frame:
-        _shared_geometry_for_highdicom(sources[0])
+        _shared_geometry_for_highdicom(sources[0], candidate)
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=np.ascontiguousarray(pixel_array),
@@ -324,7 +393,7 @@ def write_dicom_seg(
         content_label="TESSERA",
         content_description=f"{algorithm.name} {algorithm.version}"[:64],
         omit_empty_frames=omit_empty_frames,
-        **(_frame_geometry(candidate) if multi_frame else {}),
+        **(_frame_geometry(candidate) if own_geometry else {}),
     )
     if multi_frame:
         _reference_source_frames(seg, candidate, sources[0])
