@@ -28,6 +28,7 @@ from monai.transforms import (
 from nibabel import orientations
 
 from models.manifest import IntensitySpec, PreprocessingSpec
+from pipelines.limits import check_voxels
 from pipelines.volume import Volume
 
 
@@ -95,6 +96,8 @@ def prepare(volume: Volume, spec: PreprocessingSpec) -> PreparedInput:
     array = volume.array if volume.array.ndim == 4 else volume.array[None]
     source = MetaTensor(torch.as_tensor(array, dtype=torch.float32), affine=torch.as_tensor(volume.affine))
     oriented = Orientation(axcodes=spec.orientation)(source)
+    if spec.spacing:
+        check_model_grid(_spatial_shape(oriented), _affine(oriented), spec.spacing, volume.metadata.case_id)
     model = Spacing(pixdim=spec.spacing, mode="bilinear")(oriented) if spec.spacing else oriented
     image = intensity_transform(spec.intensity)(model)
     mapping = GridMapping(
@@ -106,6 +109,15 @@ def prepare(volume: Volume, spec: PreprocessingSpec) -> PreparedInput:
         model_affine=_affine(model),
     )
     return PreparedInput(image=torch.as_tensor(image, dtype=torch.float32).contiguous(), mapping=mapping)
+
+
+def check_model_grid(shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...], what: str) -> None:
+    """Refuse, before resampling, a volume (on the model's axes) whose grid at the model's spacing would exceed
+    the model-space voxel limit (a small image of huge voxels explodes there)."""
+    zooms = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    extent = np.asarray(shape[:3], dtype=np.float64) * zooms
+    model = [int(np.ceil(e / float(s))) for e, s in zip(extent, spacing, strict=True)]
+    check_voxels(tuple(model), what, model_space=True)
 
 
 def _spatial_shape(image: torch.Tensor) -> tuple[int, int, int]:

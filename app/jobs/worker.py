@@ -228,7 +228,9 @@ def worker_main(slot: int, settings_data: dict[str, Any], parent: int) -> None:
     from app.service.settings import ServiceSettings
 
     configure_service_logging(f"worker-{slot}")
-    _Worker(slot, ServiceSettings(**settings_data), stop, parent).serve()
+    settings = ServiceSettings(**settings_data)
+    settings.apply_input_limits()
+    _Worker(slot, settings, stop, parent).serve()
 
 
 # --- the server side ----------------------------------------------------------------------------

@@ -359,6 +359,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     """The application for ``settings``; its lifespan locks the data directory and runs the workers."""
     from app.cli.commands import tool_version
 
+    settings.apply_input_limits()  # upload checks here, readers in the workers
     state = ServiceState(settings)
 
     @asynccontextmanager

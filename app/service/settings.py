@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from pipelines.errors import UsageError
+from pipelines.limits import InputLimits
 
 GiB = 1024**3
 
@@ -47,12 +49,24 @@ class ServiceSettings(BaseSettings):
     retention_sweep_s: float = Field(default=300.0, gt=0, description="how often old jobs are looked for")
     cancel_grace_s: float = Field(default=20.0, gt=0, description="a worker that ignores a cancel this long is killed")
     cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed")
+    max_voxels: int = Field(default=InputLimits.max_voxels, ge=1, description="voxels of one input volume")
+    max_model_voxels: int = Field(default=InputLimits.max_model_voxels, ge=1,
+                                  description="voxels of one volume on the model's grid")
+    max_decompressed_bytes: int = Field(default=InputLimits.max_decompressed_bytes, ge=1,
+                                        description="bytes one gzip stream or zip member may inflate to")
+    max_frames: int = Field(default=InputLimits.max_frames, ge=1, description="frames one DICOM file may declare")
 
     @model_validator(mode="after")
     def _auth_only_off_on_loopback(self) -> ServiceSettings:
         if not self.auth and not is_loopback(self.host):
             raise ValueError(f"auth may be switched off only on a loopback address, not on {self.host!r}")
         return self
+
+    def apply_input_limits(self) -> None:
+        """Make the input limits of these settings the process's (the readers take them from the environment,
+        so workers and the reader's own children see the same)."""
+        for field in fields(InputLimits):
+            os.environ[f"TESSERA_{field.name.upper()}"] = str(getattr(self, field.name))
 
     @property
     def database(self) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import shutil
 import struct
 import zlib
@@ -13,6 +12,7 @@ from typing import BinaryIO
 
 from pipelines.errors import InputError
 from pipelines.ingestion.dicom.sources import check_zip_archive
+from pipelines.ingestion.nifti import check_nifti_header
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,13 @@ def _check_nifti_header(head: bytes) -> None:
     """The header (already read to recognise the file) parses and describes a 3-D volume."""
     import nibabel as nib
 
-    header_class = nib.Nifti1Header if _nifti_version(head) == 1 else nib.Nifti2Header
-    try:
-        shape = header_class.from_fileobj(io.BytesIO(head)).get_data_shape()
+    version = _nifti_version(head)
+    header_class, size = (nib.Nifti1Header, 348) if version == 1 else (nib.Nifti2Header, 540)
+    try:  # the fixed header only: extensions (which follow it, of any length) are the reader's business
+        header = header_class(binaryblock=head[:size], check=False)
+        shape = header.get_data_shape()
     except Exception as exc:  # nibabel raises many kinds; all mean the same to the client
         raise InputError("NIFTI_UNREADABLE", f"the NIfTI header could not be read ({type(exc).__name__})") from None
     if len(shape) < 3 or min(shape[:3]) < 1:
         raise InputError("NIFTI_NOT_3D", f"the NIfTI image has shape {tuple(shape)}; a 3-D volume is needed")
+    check_nifti_header(header, "the uploaded NIfTI image")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
+import struct
 import zlib
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from pipelines.errors import InputError
+from pipelines.limits import check_voxels
 from pipelines.volume import Volume, VolumeMetadata
 
 log = logging.getLogger(__name__)
@@ -40,11 +43,13 @@ def read_nifti(path: str | Path, modality: str = "unknown") -> Volume:
         raise InputError("INPUT_NOT_FOUND", f"{path.name}: no such file")
     try:
         image = nib.load(str(path))
-    except (ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+    except (ImageFileError, OSError, EOFError, zlib.error, ValueError, OverflowError, MemoryError, struct.error,
+            TypeError, KeyError, IndexError) as exc:
         raise InputError("NIFTI_UNREADABLE", f"{path.name}: not a readable NIfTI file ({_short(exc)})") from exc
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError("NIFTI_UNREADABLE", f"{path.name}: not a NIfTI image ({type(image).__name__})")
     shape = image.shape
+    check_nifti_header(_raw_header(path, image.header), path.name)
     if len(shape) < 3:
         raise InputError("NIFTI_NOT_3D", f"{path.name}: has {len(shape)} dimensions {shape}; a 3-D volume is needed")
     extra = shape[3:]
@@ -58,7 +63,7 @@ def read_nifti(path: str | Path, modality: str = "unknown") -> Volume:
         raise InputError("NIFTI_NOT_3D", f"{path.name}: shape {shape[:3]} is a slice, not a volume")
     try:
         data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape[:3])
-    except (OSError, EOFError, zlib.error, ValueError) as exc:
+    except (OSError, EOFError, zlib.error, ValueError, OverflowError, MemoryError) as exc:
         message = f"{path.name}: image data is truncated or corrupt ({_short(exc)})"
         raise InputError("NIFTI_UNREADABLE", message) from exc
     try:
@@ -66,6 +71,9 @@ def read_nifti(path: str | Path, modality: str = "unknown") -> Volume:
     except (np.linalg.LinAlgError, ValueError) as exc:
         raise InputError("NIFTI_BAD_AFFINE", f"{path.name}: the orientation header is invalid ({_short(exc)})") from exc
     _check_affine(path, affine)
+    if int(image.header["qform_code"]) == 0 and int(image.header["sform_code"]) == 0:
+        log.warning("%s: qform and sform codes are 0: the orientation is unknown; read as the voxel axes in "
+                    "RAS order with the header's voxel sizes (NIfTI's method 1)", path.name)
     non_finite = ~np.isfinite(data)
     if non_finite.all():
         raise InputError("NIFTI_NO_DATA", f"{path.name}: every voxel is NaN or infinite")
@@ -83,6 +91,36 @@ def read_nifti(path: str | Path, modality: str = "unknown") -> Volume:
         sform_code=int(header["sform_code"]),
     )
     return Volume(array=data, affine=affine, metadata=metadata, header=header.copy())
+
+
+def _raw_header(path: Path, loaded: nib.Nifti1Header) -> nib.Nifti1Header:
+    """The fixed header as written, before nibabel's repairs (it sets zero voxel sizes to 1 on loading)."""
+    size = 348 if isinstance(loaded, nib.Nifti1Header) and not isinstance(loaded, nib.Nifti2Header) else 540
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            block = handle.read(size)
+        return type(loaded)(binaryblock=block, endianness=loaded.endianness, check=False)
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise InputError("NIFTI_UNREADABLE", f"{path.name}: the header cannot be read ({_short(exc)})") from exc
+
+
+def check_nifti_header(header: nib.Nifti1Header, name: str) -> None:
+    """What the header alone tells: a grid within the voxel limit, a scalar datatype, voxel sizes that were
+    written (not zero where no qform or sform replaces them). Also used at upload, before any data is read."""
+    shape = tuple(int(n) for n in header.get_data_shape())
+    check_voxels(shape[:3] + tuple(n for n in shape[3:] if n > 1), name)
+    dtype = header.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        kind = "RGB colour" if dtype.fields is not None else f"{dtype}"
+        raise InputError("NIFTI_UNSUPPORTED_DATATYPE", f"{name}: {kind} voxels (datatype "
+                         f"{int(header['datatype'])}); a scalar image is needed (convert colour images to grey)")
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    no_transform = int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0
+    if no_transform and (not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0)):
+        raise InputError("NIFTI_NO_VOXEL_SIZE", f"{name}: qform and sform codes are 0 and the voxel sizes "
+                                                f"{pixdim.round(4).tolist()} are not positive: the image has no "
+                                                "geometry (a mask on invented 1 mm voxels would be wrong)")
 
 
 def _check_affine(path: Path, affine: np.ndarray) -> None:

@@ -23,6 +23,7 @@ from pipelines.ingestion.dicom.series import SetAside, VolumeCandidate, build_ca
 from pipelines.ingestion.dicom.slices import DicomSlice, slices_from_header
 from pipelines.ingestion.dicom.sources import DicomFile, iter_sources, looks_like_dicom, read_header
 from pipelines.ingestion.suv import suv_inputs_from_dataset, suvbw_factors
+from pipelines.limits import check_voxels
 from pipelines.volume import Volume, VolumeMetadata
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,20 @@ def read_study(path: str | Path, *, tilt: str = "refuse", min_slices: int = 3) -
         raise InputError("INPUT_NOT_FOUND", f"{root.name}: no such file or folder")
     slices: list[DicomSlice] = []
     skipped: list[str] = []
-    for name, found in _read_slices(list(iter_sources(root))):
+    problems: list[InputError] = []
+    for name, found, problem in _read_slices(list(iter_sources(root))):
         if found is None:
             skipped.append(name)
+            problems.extend([problem] if problem else [])
         else:
             slices.extend(found)
+    if problems:
+        log.warning("%s: %d file(s) skipped: %s", root.name, len(problems),
+                    ", ".join(sorted({p.code for p in problems})))
     if not slices:
+        if problems:  # nothing else was there: the reason the files could not be read is the answer
+            raise InputError(problems[0].code, f"{problems[0].message}"
+                             + (f" ({len(skipped) - 1} other files skipped)" if len(skipped) > 1 else ""))
         raise InputError("NO_DICOM_IMAGES", f"{root.name}: no readable DICOM images found"
                          + (f" ({len(skipped)} other files skipped)" if skipped else ""))
     candidates, set_aside = build_candidates(slices, tilt=tilt, min_slices=min_slices)
@@ -81,19 +90,26 @@ def read_study(path: str | Path, *, tilt: str = "refuse", min_slices: int = 3) -
 PARALLEL_HEADERS_MIN_FILES = 64
 
 
-def _slices_of(source: DicomFile, light: bool = False) -> tuple[str, list[DicomSlice] | None]:
-    read = read_header(source)
-    if read is None:
-        return source.name, None
-    found = list(slices_from_header(read[0], source, read[1]))
-    return source.name, [s.light() for s in found] if light else found
+SlicesOfFile = tuple[str, list[DicomSlice] | None, InputError | None]
 
 
-def _slices_of_light(source: DicomFile) -> tuple[str, list[DicomSlice] | None]:
+def _slices_of(source: DicomFile, light: bool = False) -> SlicesOfFile:
+    """One file's slices; ``None`` and the reason (when it has a code) for a file that is skipped alone."""
+    try:
+        read = read_header(source)
+        if read is None:
+            return source.name, None, None
+        found = list(slices_from_header(read[0], source, read[1]))
+    except InputError as exc:
+        return source.name, None, exc
+    return source.name, [s.light() for s in found] if light else found, None
+
+
+def _slices_of_light(source: DicomFile) -> SlicesOfFile:
     return _slices_of(source, light=True)
 
 
-def _read_slices(sources: list[DicomFile]) -> list[tuple[str, list[DicomSlice] | None]]:
+def _read_slices(sources: list[DicomFile]) -> list[SlicesOfFile]:
     """Headers to slices; a large study is read by forked workers that send back light slices (parsing and
     attribute access are GIL-bound, and pydicom headers are slower to unpickle than to parse)."""
     workers = min(os.cpu_count() or 1, 8)
@@ -110,6 +126,8 @@ def load_volume(candidate: VolumeCandidate, case_id: str | None = None) -> Volum
         assert candidate.error is not None
         raise candidate.error
     geometry = candidate.geometry
+    first = geometry.slices[0]
+    check_voxels((first.columns, first.rows, len(geometry.slices)), candidate.label)
     array = decode_volume(geometry.slices)
     affine = geometry.affine
     warnings: list[str] = []
@@ -120,7 +138,6 @@ def load_volume(candidate: VolumeCandidate, case_id: str | None = None) -> Volum
         warnings.extend([warning] if warning else [])
     if geometry.tilt_degrees > TILT_TOLERANCE_DEGREES:
         array, affine = _resample_tilted(array, affine)
-    first = geometry.slices[0]
     metadata = VolumeMetadata(
         case_id=case_id or volume_name(candidate),
         source=candidate.label,

@@ -15,7 +15,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from pipelines.errors import InputError
 from pipelines.ingestion.dicom.sources import DicomFile, read_header
+from pipelines.limits import check_voxels, current_limits
 
 # Modalities and SOP classes whose instances hold no image we can stack into volumes.
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "KO", "PR", "REG", "RWV", "DOC"}
@@ -162,7 +164,7 @@ def _common(ds: Dataset, source: DicomFile) -> dict[str, Any]:
         "bits_allocated": int(ds.get("BitsAllocated", 0) or 0),
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
         "pixel_representation": int(ds.get("PixelRepresentation", 0) or 0),
-        "frames_in_file": int(ds.get("NumberOfFrames", 1) or 1),
+        "frames_in_file": _count(ds.get("NumberOfFrames", 1)),
         "file_rows": int(ds.get("Rows", 0) or 0),
         "file_columns": int(ds.get("Columns", 0) or 0),
         "photometric": str(ds.get("PhotometricInterpretation", "")),
@@ -172,7 +174,12 @@ def _common(ds: Dataset, source: DicomFile) -> dict[str, Any]:
 def slices_from_header(ds: Dataset, source: DicomFile, pixel_offset: int | None = None) -> Iterator[DicomSlice]:
     """The 2-D images of one file, as slices (one per frame for a multi-frame file)."""
     common = {**_common(ds, source), "pixel_offset": pixel_offset}
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = common["frames_in_file"]
+    limit = current_limits().max_frames
+    if frames > limit:
+        raise InputError("VOLUME_TOO_LARGE", f"a DICOM file declares {frames:,} frames, at most {limit:,} allowed "
+                                             "(TESSERA_MAX_FRAMES)")
+    check_voxels((common["columns"], common["rows"], frames), "a DICOM file")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if frames > 1 and per_frame is not None:
         yield from _enhanced_frames(ds, common, frames)
@@ -325,6 +332,14 @@ def _enhanced_frames(ds: Dataset, common: dict[str, Any], frames: int) -> Iterat
             rescale_intercept=_float(value("PixelValueTransformationSequence", "RescaleIntercept"),
                                      _float(ds.get("RescaleIntercept"), 0.0)) or 0.0,
         )
+
+
+def _count(value: Any) -> int:
+    """NumberOfFrames as an integer (IS may hold anything a writer put there; invalid counts as one frame)."""
+    try:
+        return max(int(value or 1), 1)
+    except (TypeError, ValueError, OverflowError):
+        return 1
 
 
 def _spacing(value: Any) -> tuple[float, float] | None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import os
 import stat
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from pipelines.errors import InputError
+from pipelines.limits import inflate_capped
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +37,52 @@ class DicomFile:
     gzipped: bool = False
 
     def open(self) -> io.BufferedIOBase | io.BytesIO:
+        """The file's bytes; a gzipped file or member is inflated with a cap (``DECOMPRESSED_TOO_LARGE``), a
+        member the zip cannot give back is ``ZIP_CORRUPT``."""
         if self.member is None and not self.gzipped:
             return self.path.open("rb")
-        if self.member is not None:
-            with zipfile.ZipFile(self.path) as archive:
-                data = archive.read(self.member)
-        else:
-            data = self.path.read_bytes()
-        return io.BytesIO(gzip.decompress(data) if self.gzipped else data)
+        if self.member is None:
+            with self.path.open("rb") as handle:
+                return io.BytesIO(inflate_capped(handle, self.name))
+        try:
+            archive = _archive(self.path)
+            info = archive.getinfo(self.member)
+            if info.flag_bits & 0x1:
+                raise InputError("ZIP_ENCRYPTED", f"a member of {self.path.name} is encrypted; Tessera reads no "
+                                                  "encrypted archives")
+            if info.compress_type not in _ZIP_METHODS:
+                raise InputError("ZIP_UNSUPPORTED_COMPRESSION", f"a member of {self.path.name} uses compression "
+                                                                f"method {info.compress_type}, which zip readers "
+                                                                "do not support")
+            with archive.open(info) as handle:
+                if self.gzipped:
+                    return io.BytesIO(inflate_capped(handle, self.name))  # type: ignore[arg-type]
+                return io.BytesIO(handle.read())  # bounded: check_zip_archive capped the declared sizes
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError, EOFError,
+                zlib.error, ValueError) as exc:
+            raise InputError("ZIP_CORRUPT", f"a member of {self.path.name} cannot be read ({_reason(exc)})") from None
+
+
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+_open_archives: dict[tuple[int, Path], zipfile.ZipFile] = {}
+
+
+def _archive(path: Path) -> zipfile.ZipFile:
+    """One open ``ZipFile`` per archive and process (its central directory parsed once, not once per member;
+    never shared with a forked child, whose file offset would be the parent's)."""
+    key = (os.getpid(), path)
+    if key not in _open_archives:
+        for stale in [k for k in _open_archives if k[0] != key[0]]:
+            del _open_archives[stale]  # inherited through fork: the parent's, left alone
+        if len(_open_archives) >= 8:
+            _open_archives.pop(next(iter(_open_archives))).close()
+        _open_archives[key] = zipfile.ZipFile(path)
+    return _open_archives[key]
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception in one short line without file names (zip member names can carry patient names)."""
+    return type(exc).__name__
 
 
 _DICOM_SUFFIXES = (".dcm", ".ima", ".dcm.gz", ".dicom")
@@ -116,14 +158,18 @@ def _zip_members(path: Path) -> Iterator[DicomFile]:
 
 def read_header(source: DicomFile) -> tuple[pydicom.Dataset, int | None] | None:
     """The header (no pixel data) of a DICOM file and, for a plain file, the byte offset of its pixel data
-    element (where a header-only read stops); ``None`` for a file that is not DICOM."""
+    element (where a header-only read stops); ``None`` for a file that is not DICOM.
+
+    A file that cannot be given back whole (``ZIP_CORRUPT``, ``DECOMPRESSED_TOO_LARGE``, ``GZIP_CORRUPT``)
+    raises its :class:`InputError`; the reader skips it and reports the code when nothing else is left."""
     try:
         with source.open() as handle:
             header = pydicom.dcmread(handle, stop_before_pixels=True)
             offset = handle.tell() if source.member is None and not source.gzipped else None
             return header, offset
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        log.warning("skipping %s: not a readable DICOM file (%s)", source.name, type(exc).__name__)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+            OverflowError, MemoryError, RecursionError, struct.error, UnicodeError) as exc:
+        log.warning("skipping a file: not a readable DICOM file (%s)", type(exc).__name__)
         return None
 
 

@@ -1,0 +1,252 @@
+"""Hostile and broken input (issue 13), at the readers: bombs and absurd sizes refused before allocating,
+every malformed file a coded error (never INTERNAL_ERROR), one bad member of a study skipped alone."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from pipelines.errors import InputError
+from pipelines.ingestion.dicom.reader import load_volume, read_study
+from pipelines.ingestion.nifti import read_nifti
+from pipelines.phantom_dicom import write_phantom_series
+
+
+def _nifti(path: Path, shape: tuple[int, ...], *, version: int = 1, datatype: int = 4,
+           pixdim: tuple[float, ...] = (1.0, 1.0, 1.0), codes: tuple[int, int] = (1, 1), data: bytes = b"") -> Path:
+    """A NIfTI file written byte by byte (nibabel refuses to write most of these)."""
+    header = (nib.Nifti1Header if version == 1 else nib.Nifti2Header)()
+    header.set_data_dtype(np.int16)
+    header["dim"][:] = 1
+    header["dim"][0] = len(shape)
+    header["dim"][1:1 + len(shape)] = shape
+    header["datatype"] = datatype
+    header["bitpix"] = {2: 8, 4: 16, 128: 24, 16: 32}.get(datatype, 16)
+    header["pixdim"][1:4] = pixdim
+    header["qform_code"], header["sform_code"] = codes
+    header["vox_offset"] = 352 if version == 1 else 544
+    block = header.binaryblock + b"\0" * 4 + data
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(block))
+    else:
+        path.write_bytes(block)
+    return path
+
+
+def _code(call) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError) as caught:
+        call()
+    return caught.value.code
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_nifti_declaring_a_huge_grid_is_refused_before_reading(tmp_path: Path, name: str, version: int) -> None:
+    path = _nifti(tmp_path / name, (30000, 30000, 30000), version=version)
+    assert _code(lambda: read_nifti(path)) == "VOLUME_TOO_LARGE"
+
+
+def test_a_small_nifti_gz_that_would_inflate_to_gigabytes_is_refused(tmp_path: Path) -> None:
+    data = gzip.compress(b"\0" * (16 * 2**20))  # zeros inflate 1000-fold; the header asks for 8 GiB
+    path = tmp_path / "bomb.nii.gz"
+    header_path = _nifti(tmp_path / "bomb.nii", (2048, 2048, 1024))
+    path.write_bytes(gzip.compress(header_path.read_bytes()) + data)
+    assert path.stat().st_size < 2**20
+    assert _code(lambda: read_nifti(path)) == "VOLUME_TOO_LARGE"
+
+
+def test_absurd_nifti_2_dimensions_are_a_code_not_an_overflow(tmp_path: Path) -> None:
+    path = _nifti(tmp_path / "absurd.nii", (2**40, 2**40, 2**40), version=2)
+    assert _code(lambda: read_nifti(path)) in {"VOLUME_TOO_LARGE", "NIFTI_UNREADABLE"}
+
+
+def test_an_rgb_nifti_is_refused_with_its_datatype(tmp_path: Path) -> None:
+    path = _nifti(tmp_path / "rgb.nii", (4, 4, 4), datatype=128, data=b"\1" * (4 * 4 * 4 * 3))
+    assert _code(lambda: read_nifti(path)) == "NIFTI_UNSUPPORTED_DATATYPE"
+
+
+def test_zero_voxel_sizes_without_qform_or_sform_are_refused_not_invented(tmp_path: Path) -> None:
+    path = _nifti(tmp_path / "nogeometry.nii", (4, 4, 4), pixdim=(0.0, 0.0, 0.0), codes=(0, 0),
+                  data=b"\0" * (4 * 4 * 4 * 2))
+    assert _code(lambda: read_nifti(path)) == "NIFTI_NO_VOXEL_SIZE"
+    fine = _nifti(tmp_path / "fine.nii", (4, 4, 4), pixdim=(1.5, 1.5, 2.0), codes=(0, 0),
+                  data=b"\0" * (4 * 4 * 4 * 2))
+    assert read_nifti(fine).spatial_shape == (4, 4, 4)  # codes 0 with real voxel sizes: read, with a warning
+
+
+def test_a_nifti_with_a_header_extension_and_nan_voxels_is_read(tmp_path: Path) -> None:
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    data[1, 1, 1] = np.nan
+    image = nib.Nifti1Image(data, np.diag([1.2, 1.3, 1.4, 1.0]))
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"x" * 5000))
+    nib.save(image, tmp_path / "extended.nii.gz")
+    volume = read_nifti(tmp_path / "extended.nii.gz")
+    assert volume.spatial_shape == (4, 5, 6) and np.isfinite(volume.array).all()
+
+
+def test_a_small_volume_of_huge_voxels_is_refused_before_resampling(tmp_path: Path) -> None:
+    from pipelines.preprocessing import check_model_grid
+
+    affine = np.diag([2000.0, 2000.0, 2000.0, 1.0])
+    assert _code(lambda: check_model_grid((10, 10, 10), affine, (1.5, 1.5, 1.5), "case")) == "VOLUME_TOO_LARGE"
+    check_model_grid((10, 10, 10), np.diag([2.0, 2.0, 2.0, 1.0]), (1.5, 1.5, 1.5), "case")
+
+
+def _series(tmp_path: Path, name: str = "series") -> Path:
+    folder = tmp_path / name
+    write_phantom_series(3, folder, spacing=(8.0, 8.0, 10.0))
+    return folder
+
+
+def test_a_dcm_gz_that_inflates_past_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TESSERA_MAX_DECOMPRESSED_BYTES", str(2**20))
+    study = tmp_path / "bomb"
+    study.mkdir()
+    (study / "image.dcm.gz").write_bytes(gzip.compress(b"\0" * (8 * 2**20)))
+    assert _code(lambda: read_study(study)) == "DECOMPRESSED_TOO_LARGE"
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w") as out:  # nested compression: the zip's own size check sees 8 KiB
+        out.writestr("study/image.dcm.gz", gzip.compress(b"\0" * (8 * 2**20)))
+    assert _code(lambda: read_study(archive)) == "DECOMPRESSED_TOO_LARGE"
+
+
+def test_a_corrupt_gzip_member_is_skipped_beside_good_images(tmp_path: Path) -> None:
+    folder = _series(tmp_path)
+    noise = np.random.default_rng(0).integers(0, 255, 100_000, dtype=np.uint8).tobytes()
+    (folder / "broken.dcm.gz").write_bytes(gzip.compress(b"\0" * 128 + b"DICM" + noise)[:20_000])
+    study = read_study(folder)
+    assert len(study.volumes) == 1 and "broken.dcm.gz" in study.skipped_files
+
+
+def test_a_dicom_declaring_millions_of_frames_is_refused(tmp_path: Path) -> None:
+    folder = _series(tmp_path)
+    first = sorted(folder.iterdir())[0]
+    ds = pydicom.dcmread(first)
+    ds.NumberOfFrames = 5_000_000
+    ds.save_as(tmp_path / "frames.dcm")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (tmp_path / "frames.dcm").rename(lone / "frames.dcm")
+    assert _code(lambda: read_study(lone)) == "VOLUME_TOO_LARGE"
+
+
+def test_thousands_of_nested_sequences_skip_the_file_not_the_study(tmp_path: Path) -> None:
+    folder = _series(tmp_path)
+    ds = pydicom.dcmread(sorted(folder.iterdir())[0])
+    del ds.PixelData
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "plain.dcm", enforce_file_format=True)
+    # (0040,A730) Content Sequence, explicit VR little endian, undefined lengths, nested 5000 deep
+    opening = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000,
+                                                                                          0xFFFFFFFF)
+    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    depth = 5000
+    (folder / "nested.dcm").write_bytes((tmp_path / "plain.dcm").read_bytes() + opening * depth + closing * depth)
+    study = read_study(folder)
+    assert len(study.volumes) == 1
+    assert "nested.dcm" in study.skipped_files
+
+
+def _zip_with_series(tmp_path: Path) -> Path:
+    folder = _series(tmp_path)
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for path in sorted(folder.iterdir()):
+            out.write(path, f"study/{path.name}")
+    return archive
+
+
+def _patch_local_header(archive: Path, member: str, patch) -> None:  # type: ignore[no-untyped-def]
+    """Rewrite the local file header of ``member`` (offset from the central directory) with ``patch``."""
+    with zipfile.ZipFile(archive) as z:
+        offset = z.getinfo(member).header_offset
+    raw = bytearray(archive.read_bytes())
+    patch(raw, offset)
+    archive.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["crc", "name", "method", "encrypted"])
+def test_one_damaged_zip_member_is_skipped_and_the_study_read(tmp_path: Path, damage: str) -> None:
+    archive = _zip_with_series(tmp_path)
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        victim = names[len(names) // 2]
+
+    def patch(raw: bytearray, offset: int) -> None:
+        if damage == "crc":
+            name_length, extra_length = struct.unpack("<HH", raw[offset + 26:offset + 30])
+            start = offset + 30 + name_length + extra_length
+            raw[start + 10:start + 20] = bytes(b ^ 0x55 for b in raw[start + 10:start + 20])
+        elif damage == "name":
+            raw[offset + 30] = ord("X")
+        elif damage == "method":
+            raw[offset + 8:offset + 10] = struct.pack("<H", 99)
+        else:
+            flags = struct.unpack("<H", raw[offset + 6:offset + 8])[0] | 0x1
+            raw[offset + 6:offset + 8] = struct.pack("<H", flags)
+
+    _patch_local_header(archive, victim, patch)
+    if damage in ("method", "encrypted"):  # the central directory says so too
+        raw = bytearray(archive.read_bytes())
+        with zipfile.ZipFile(archive) as z:
+            info = z.getinfo(victim)
+        central = raw.rfind(b"PK\x01\x02" + raw[raw.find(b"PK\x01\x02") + 4:raw.find(b"PK\x01\x02") + 4][:0])
+        del central, info
+        index = 0
+        while True:
+            index = raw.find(b"PK\x01\x02", index)
+            if index < 0:
+                break
+            length = struct.unpack("<H", raw[index + 28:index + 30])[0]
+            if raw[index + 46:index + 46 + length].decode() == victim:
+                if damage == "method":
+                    raw[index + 10:index + 12] = struct.pack("<H", 99)
+                else:
+                    raw[index + 8:index + 10] = struct.pack("<H", struct.unpack("<H", raw[index + 8:index + 10])[0]
+                                                            | 0x1)
+            index += 4
+        archive.write_bytes(bytes(raw))
+    study = read_study(archive)
+    assert len(study.skipped_files) == 1
+    candidate = study.candidates[0]
+    assert candidate.codes in ([], ["MISSING_SLICES"])  # a hole where the member was, coded if it matters
+
+
+def test_a_zip_of_only_encrypted_members_says_so(tmp_path: Path) -> None:
+    archive = tmp_path / "secret.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        out.writestr("a.dcm", b"\0" * 200)
+    raw = bytearray(archive.read_bytes())
+    for signature, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        index = raw.find(signature)
+        flags = struct.unpack("<H", raw[index + flag_at:index + flag_at + 2])[0] | 0x1
+        raw[index + flag_at:index + flag_at + 2] = struct.pack("<H", flags)
+    archive.write_bytes(bytes(raw))
+    assert _code(lambda: read_study(archive)) == "ZIP_ENCRYPTED"
+
+
+def test_a_zip_whose_central_directory_lies_about_sizes_is_a_code(tmp_path: Path) -> None:
+    archive = _zip_with_series(tmp_path)
+    raw = bytearray(archive.read_bytes())
+    index = 0
+    while (index := raw.find(b"PK\x01\x02", index)) >= 0:
+        raw[index + 24:index + 28] = struct.pack("<I", 50 * 2**20)  # uncompressed size: 50 MiB each
+        index += 4
+    archive.write_bytes(bytes(raw))
+    try:
+        study = read_study(archive)
+    except InputError as exc:
+        assert exc.code in {"ZIP_CORRUPT", "NO_DICOM_IMAGES"}
+    else:
+        assert study.candidates == [] or all(c.codes for c in study.candidates) or study.volumes
+    load = [load_volume(c) for c in study.volumes] if "study" in locals() else []
+    del load
