@@ -12,11 +12,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
 from pipelines.errors import InputError
-from pipelines.ingestion.dicom.reader import load_volume, read_study
+from pipelines.ingestion.dicom.reader import read_study
 from pipelines.ingestion.nifti import read_nifti
 from pipelines.phantom_dicom import write_phantom_series
 
@@ -197,10 +195,6 @@ def test_one_damaged_zip_member_is_skipped_and_the_study_read(tmp_path: Path, da
     _patch_local_header(archive, victim, patch)
     if damage in ("method", "encrypted"):  # the central directory says so too
         raw = bytearray(archive.read_bytes())
-        with zipfile.ZipFile(archive) as z:
-            info = z.getinfo(victim)
-        central = raw.rfind(b"PK\x01\x02" + raw[raw.find(b"PK\x01\x02") + 4:raw.find(b"PK\x01\x02") + 4][:0])
-        del central, info
         index = 0
         while True:
             index = raw.find(b"PK\x01\x02", index)
@@ -239,14 +233,12 @@ def test_a_zip_whose_central_directory_lies_about_sizes_is_a_code(tmp_path: Path
     raw = bytearray(archive.read_bytes())
     index = 0
     while (index := raw.find(b"PK\x01\x02", index)) >= 0:
-        raw[index + 24:index + 28] = struct.pack("<I", 50 * 2**20)  # uncompressed size: 50 MiB each
+        raw[index + 24:index + 28] = struct.pack("<I", 100)  # "100 bytes" each: a bomb passes the size check so
         index += 4
     archive.write_bytes(bytes(raw))
-    try:
-        study = read_study(archive)
+    try:  # zipfile stops inflating at the declared size: each member then fails its CRC
+        read_study(archive)
     except InputError as exc:
-        assert exc.code in {"ZIP_CORRUPT", "NO_DICOM_IMAGES"}
+        assert exc.code == "ZIP_CORRUPT"
     else:
-        assert study.candidates == [] or all(c.codes for c in study.candidates) or study.volumes
-    load = [load_volume(c) for c in study.volumes] if "study" in locals() else []
-    del load
+        pytest.fail("a zip whose every member is longer than declared was read")

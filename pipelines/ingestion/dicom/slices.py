@@ -264,7 +264,7 @@ def _uih_private(ds: Dataset, element: int) -> Any:
     """An element of United Imaging's private block (group 0065, creator "Image Private Header"); the fixed
     (0065,10xx) slot dcm2niix reads when the creator is missing. None when absent."""
     try:
-        tag = ds.private_block(0x0065, UIH_PRIVATE_CREATOR).get_tag(element)
+        tag = int(ds.private_block(0x0065, UIH_PRIVATE_CREATOR).get_tag(element))
     except KeyError:
         tag = 0x00651000 | element
     return ds[tag].value if tag in ds else None
