@@ -242,3 +242,33 @@ def test_a_zip_whose_central_directory_lies_about_sizes_is_a_code(tmp_path: Path
         assert exc.code == "ZIP_CORRUPT"
     else:
         pytest.fail("a zip whose every member is longer than declared was read")
+
+
+def test_a_series_whose_slices_carry_two_patient_ids_is_refused(tmp_path: Path) -> None:
+    folder = _series(tmp_path)
+    for path in sorted(folder.iterdir())[::2]:
+        ds = pydicom.dcmread(path)
+        ds.PatientID = "OTHER-PATIENT-77"
+        ds.save_as(path)
+    study = read_study(folder)
+    assert study.volumes == []
+    assert [c.codes for c in study.refused] == [["MIXED_PATIENTS"]]
+    assert "OTHER-PATIENT-77" not in str(study.refused[0].error)
+
+
+def test_a_study_of_two_patients_is_not_one_case(tmp_path: Path) -> None:
+    from models.manifest import Channel
+    from pipelines.ingestion.reading import read_case
+
+    study = tmp_path / "study"
+    write_phantom_series(3, study / "a", spacing=(8.0, 8.0, 10.0), patient_id="PAT-A", series_number=1)
+    write_phantom_series(4, study / "b", spacing=(8.0, 8.0, 10.0), patient_id="PAT-B", series_number=2)
+    archive = tmp_path / "two.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        for path in sorted(study.rglob("*.dcm")):
+            out.write(path, str(path.relative_to(study)))
+    for source in (study, archive):
+        with pytest.raises(InputError) as caught:
+            read_case([source], (Channel("CT", "CT"),), "case")
+        assert caught.value.code == "MIXED_PATIENTS"
+        assert "PAT-A" not in str(caught.value) and "PAT-B" not in str(caught.value)

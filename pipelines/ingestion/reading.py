@@ -50,6 +50,9 @@ def _read_one(path: Path, channel: Channel, options: ReadOptions, case_id: str) 
         raise InputError("UNSUPPORTED_INPUT",
                          f"{path.name}: neither NIfTI (.nii, .nii.gz) nor DICOM (folder, zip, file)")
     study = read_study(path, tilt=options.tilt, min_slices=options.min_slices)
+    if study.patients > 1:
+        raise InputError("MIXED_PATIENTS", f"{path.name}: holds images of {study.patients} patients; one case is "
+                                           "one patient (give one study per case, or split the folder by patient)")
     selection = select_series(study.candidates, modality=channel.modality, override=options.series)
     chosen = selection.chosen
     if channel.modality.upper() not in ("", "UNKNOWN", "ANY") and chosen.modality.upper() != channel.modality.upper():

@@ -43,6 +43,11 @@ class DicomStudy:
         return [c for c in self.candidates if c.ok]
 
     @property
+    def patients(self) -> int:
+        """How many Patient IDs the study's images carry (an empty ID counts as one)."""
+        return len({s.patient_id for c in self.candidates for s in c.slices})
+
+    @property
     def refused(self) -> list[VolumeCandidate]:
         return [c for c in self.candidates if not c.ok]
 

@@ -95,6 +95,13 @@ def build_candidates(
         if reason:
             set_aside.append(SetAside(uid, first.series_number, first.series_description, reason, len(members)))
             continue
+        patients = {s.patient_id for s in images}
+        if len(patients) > 1:  # one Series Instance UID over two patients: never one volume
+            candidate = _new(images, "")
+            candidate.error = InputError("MIXED_PATIENTS", f"the images of this series carry {len(patients)} "
+                                                           "different Patient IDs; a volume never mixes patients")
+            candidates.append(candidate)
+            continue
         series = _series_candidates(images, tilt, min_slices)
         if left_out:
             note = f"{left_out} instance(s) without an image (raw data, report, presentation state) left out"

@@ -81,6 +81,7 @@ class DicomSlice:
     photometric: str = ""
     complex_component: str = ""  # MAGNITUDE, PHASE, REAL, IMAGINARY (MIXED or empty: ImageType decides)
     missing_geometry: tuple[str, str] | None = None  # (code, message) when the kind of image says why
+    patient_id: str = ""  # never logged or reported: only compared (a volume never mixes patients)
 
     def dataset(self) -> Dataset:
         """The file's header (re-read, once per file, for a light slice)."""
@@ -168,6 +169,7 @@ def _common(ds: Dataset, source: DicomFile) -> dict[str, Any]:
         "file_rows": int(ds.get("Rows", 0) or 0),
         "file_columns": int(ds.get("Columns", 0) or 0),
         "photometric": str(ds.get("PhotometricInterpretation", "")),
+        "patient_id": str(ds.get("PatientID", "") or "").strip(),
     }
 
 
