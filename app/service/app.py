@@ -15,14 +15,14 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -32,6 +32,7 @@ from app.jobs.store import Job, JobStore
 from app.jobs.worker import WorkerPool, job_dir, recover_data_dir, remove_job_files, result_dir
 from app.service import schemas
 from app.service.problems import (
+    HeadAsGet,
     ProblemError,
     UploadLimit,
     install_problem_handlers,
@@ -310,9 +311,9 @@ def get_job(request: Request, job_id: str, owner: Owner) -> schemas.JobInfo:
 
 
 @router.get("/jobs/{job_id}/artifacts/{name}", summary="Download a result file",
-            response_class=FileResponse, responses={200: {"content": {"application/octet-stream": {}}},
+            response_class=StreamingResponse, responses={200: {"content": {"application/octet-stream": {}}},
                                                     **problem_responses(401, 404, 409, 410)})
-def get_artifact(request: Request, job_id: str, name: str, owner: Owner) -> FileResponse:
+def get_artifact(request: Request, job_id: str, name: str, owner: Owner) -> StreamingResponse:
     state = _state(request)
     job = _own_job(state, job_id, owner)
     if job.purged_at is not None:
@@ -322,10 +323,20 @@ def get_artifact(request: Request, job_id: str, name: str, owner: Owner) -> File
     if name not in job.artifacts:
         raise ProblemError(404, "ARTIFACT_NOT_FOUND", f"no artifact {name[:64]!r}; the job has {job.artifacts}")
     path = result_dir(state.settings, job.id) / name
-    if not path.is_file():
-        raise ProblemError(410, "JOB_EXPIRED", "this job's files are gone")
-    suffix = path.suffix.lower()
-    return FileResponse(path, media_type=_MEDIA_TYPES.get(suffix, "application/octet-stream"), filename=name)
+    try:  # opened before answering: a job deleted meanwhile still sends the whole file it had (POSIX unlink)
+        handle = path.open("rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ProblemError(410, "JOB_EXPIRED", "this job's files are gone") from None
+    size = os.fstat(handle.fileno()).st_size
+
+    def chunks() -> Iterator[bytes]:
+        with handle:
+            while block := handle.read(1024 * 1024):
+                yield block
+
+    media_type = _MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+    return StreamingResponse(chunks(), media_type=media_type, headers={
+        "Content-Length": str(size), "Content-Disposition": f'attachment; filename="{name}"'})
 
 
 @router.delete("/jobs/{job_id}", status_code=204, summary="Cancel a job if it runs, and delete it with its files",
@@ -383,6 +394,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(HeadAsGet)
 
     @app.get("/healthz", response_model=schemas.Health, response_model_exclude_none=True,
              summary="The process answers")

@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,10 +42,23 @@ class ProblemError(Exception):
         self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
 
 
+MAX_DETAIL_CHARS = 400
+_CONTROL = dict.fromkeys(range(32), " ") | {127: " "}
+
+
+def clean_detail(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """A message fit to send back: control characters blanked, capped (it may echo what a client sent)."""
+    text = str(text).translate(_CONTROL)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def problem_response(status: int, code: str, detail: str, instance: str | None = None,
                      headers: dict[str, str] | None = None, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    if errors:
+        errors = [{**e, "msg": clean_detail(str(e.get("msg", "")), 200)} for e in errors[:20]]
     body = Problem(type=f"urn:tessera:error:{code.lower()}", title=HTTPStatus(status).phrase, status=status,
-                   code=code, detail=detail, instance=instance, errors=errors)
+                   code=code[:64], detail=clean_detail(detail), instance=clean_detail(instance, 200) if instance
+                   else None, errors=errors)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers,
                         media_type=PROBLEM_TYPE)
 
@@ -96,7 +111,19 @@ def install_problem_handlers(app: FastAPI) -> None:
         assert isinstance(exc, TesseraError)
         return problem_response(422, exc.code, exc.message, request.url.path)
 
+    async def on_disconnect(request: Request, exc: Exception) -> JSONResponse:
+        log.info("client went away during %s %s", request.method, request.url.path)  # expected: no traceback
+        return problem_response(400, "CLIENT_DISCONNECTED", "the client closed the connection before the request "
+                                                            "was complete", request.url.path)
+
+    async def on_bad_body(request: Request, exc: Exception) -> JSONResponse:
+        log.info("malformed body on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return problem_response(400, "REQUEST_MALFORMED", f"the request body cannot be parsed ({exc})",
+                                request.url.path)
+
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, ClientDisconnect) or isinstance(exc.__cause__ or exc.__context__, ClientDisconnect):
+            return await on_disconnect(request, exc)
         log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
         return problem_response(500, "INTERNAL_ERROR", "an internal error occurred; it has been logged",
                                 request.url.path)
@@ -105,7 +132,28 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_invalid)
     app.add_exception_handler(TesseraError, on_tessera)
+    app.add_exception_handler(ClientDisconnect, on_disconnect)
+    app.add_exception_handler(MultiPartException, on_bad_body)
     app.add_exception_handler(Exception, on_bug)
+
+
+class HeadAsGet:
+    """HEAD answered wherever GET is (RFC 9110 section 9.3.2): the GET route runs, its body is not sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)
 
 
 class _BodyTooLargeError(Exception):

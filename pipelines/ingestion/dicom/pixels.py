@@ -38,19 +38,19 @@ def _decode_with_pydicom(source: DicomFile) -> np.ndarray:
     try:
         dataset = read_dataset(source)
     except Exception as exc:
-        raise InputError("DICOM_UNREADABLE", f"{source.name}: cannot be read ({type(exc).__name__})") from exc
+        raise InputError("DICOM_UNREADABLE", f"{source.safe_name}: cannot be read ({type(exc).__name__})") from exc
     if len(dataset) == 0:  # pydicom returns an empty dataset for some truncated files, with only a warning
-        raise InputError("DICOM_UNREADABLE", f"{source.name}: the file is truncated or empty")
+        raise InputError("DICOM_UNREADABLE", f"{source.safe_name}: the file is truncated or empty")
     if "PixelData" not in dataset and "FloatPixelData" not in dataset:
-        raise InputError("NOT_AN_IMAGE", f"{source.name}: has no pixel data")
+        raise InputError("NOT_AN_IMAGE", f"{source.safe_name}: has no pixel data")
     syntax = UID(str(dataset.file_meta.TransferSyntaxUID)) if "TransferSyntaxUID" in dataset.file_meta else None
     if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
-        raise InputError("UNSUPPORTED_TRANSFER_SYNTAX", f"{source.name}: no decoder installed for transfer syntax "
+        raise InputError("UNSUPPORTED_TRANSFER_SYNTAX", f"{source.safe_name}: no decoder installed for transfer syntax "
                                                         f"{syntax.name} ({syntax}); reinstall tessera's codecs")
     try:
         return np.asarray(dataset.pixel_array)
     except Exception as exc:  # decoders raise many types for damaged data
-        raise InputError("PIXEL_DATA_CORRUPT", f"{source.name}: pixel data cannot be decoded "
+        raise InputError("PIXEL_DATA_CORRUPT", f"{source.safe_name}: pixel data cannot be decoded "
                                                f"({type(exc).__name__})") from exc
 
 
@@ -81,7 +81,7 @@ def _seek_pixels(handle: BinaryIO, source: DicomFile, s: DicomSlice, nbytes: int
     explicit = head[4:6] in (b"OW", b"OB", b"UN")
     length = struct.unpack("<I", head[8:12] if explicit else head[4:8])[0]
     if length == 0xFFFFFFFF or length < nbytes:
-        raise InputError("PIXEL_DATA_CORRUPT", f"{source.name}: pixel data is shorter than Rows x Columns")
+        raise InputError("PIXEL_DATA_CORRUPT", f"{source.safe_name}: pixel data is shorter than Rows x Columns")
     handle.seek(s.pixel_offset + (12 if explicit else 8))
     return True
 
@@ -92,7 +92,7 @@ def _read_native(source: DicomFile, s: DicomSlice, dtype: np.dtype, count: int) 
             return _decode_with_pydicom(source)
         pixels = np.fromfile(handle, dtype=dtype, count=count)
     if pixels.size != count:
-        raise InputError("PIXEL_DATA_CORRUPT", f"{source.name}: the file ends inside its pixel data")
+        raise InputError("PIXEL_DATA_CORRUPT", f"{source.safe_name}: the file ends inside its pixel data")
     frames, rows, columns = s.frames_in_file, s.file_rows, s.file_columns
     return pixels.reshape((frames, rows, columns) if frames > 1 else (rows, columns))
 
@@ -104,7 +104,7 @@ def _read_native_into(s: DicomSlice, out: np.ndarray) -> None:
             out[...] = _decode_with_pydicom(s.source)
             return
         if handle.readinto(out.data.cast("B")) != out.nbytes:
-            raise InputError("PIXEL_DATA_CORRUPT", f"{s.source.name}: the file ends inside its pixel data")
+            raise InputError("PIXEL_DATA_CORRUPT", f"{s.source.safe_name}: the file ends inside its pixel data")
 
 
 def _direct_dtype(slices: list[DicomSlice]) -> np.dtype | None:
@@ -149,7 +149,7 @@ def _decode_into_shared(index: int) -> None:
     stack, slices = _SHARED_TARGET
     pixels = _decode_with_pydicom(slices[index].source)
     if pixels.shape != stack.shape[1:]:
-        raise InputError("PIXEL_DATA_CORRUPT", f"{slices[index].source.name}: frame shape {pixels.shape} differs "
+        raise InputError("PIXEL_DATA_CORRUPT", f"{slices[index].source.safe_name}: frame shape {pixels.shape} differs "
                                                f"from Rows x Columns {stack.shape[1:]}")
     stack[index] = pixels
 
@@ -206,7 +206,7 @@ def decode_volume(slices: list[DicomSlice]) -> np.ndarray:
                 row, column = s.tile_origin
                 frame = frame[row : row + s.rows, column : column + s.columns]
             if frame.shape != (s.rows, s.columns):
-                raise InputError("PIXEL_DATA_CORRUPT", f"{source.name}: frame shape {frame.shape} differs from "
+                raise InputError("PIXEL_DATA_CORRUPT", f"{source.safe_name}: frame shape {frame.shape} differs from "
                                                        f"Rows x Columns {(s.rows, s.columns)}")
             stored[index] = frame
     return _rescale(stored, slices).transpose(2, 1, 0)

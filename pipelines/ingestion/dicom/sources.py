@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -35,6 +36,14 @@ class DicomFile:
     path: Path
     member: str | None = None
     gzipped: bool = False
+
+    @property
+    def safe_name(self) -> str:
+        """The name for messages and logs: a zip member's own name (which often carries the patient's name) is
+        replaced by a short digest of it."""
+        if self.member is None:
+            return self.path.name
+        return f"{self.path.name}[member {hashlib.sha1(self.member.encode()).hexdigest()[:8]}]"
 
     def open(self) -> io.BufferedIOBase | io.BytesIO:
         """The file's bytes; a gzipped file or member is inflated with a cap (``DECOMPRESSED_TOO_LARGE``), a
