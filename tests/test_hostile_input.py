@@ -272,3 +272,37 @@ def test_a_study_of_two_patients_is_not_one_case(tmp_path: Path) -> None:
             read_case([source], (Channel("CT", "CT"),), "case")
         assert caught.value.code == "MIXED_PATIENTS"
         assert "PAT-A" not in str(caught.value) and "PAT-B" not in str(caught.value)
+
+
+def test_reader_processes_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """The forked pool the DICOM reader uses: SIGKILL its parent (a worker killed by the service) and the children
+    are gone too, instead of living on with parent 1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, time\n"
+        "from pipelines.processes import forked_pool\n"
+        "pool = forked_pool(2)\n"
+        "futures = [pool.submit(time.sleep, 60) for _ in range(2)]\n"
+        "time.sleep(1.5)\n"
+        "print(' '.join(str(p) for p in pool._processes), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert parent.stdout is not None
+    children = [int(p) for p in parent.stdout.readline().split()]
+    assert len(children) == 2
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    alive = children
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in children if Path(f"/proc/{p}").exists() and
+                 Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+        time.sleep(0.1)
+    assert alive == [], f"reader processes {alive} outlived their parent"

@@ -10,7 +10,6 @@ runs on; the next start re-queues what was running.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import multiprocessing
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.jobs.store import Job, JobStore
 from pipelines.errors import Interrupted, TesseraError
+from pipelines.processes import die_with_parent
 
 if TYPE_CHECKING:
     from app.service.settings import ServiceSettings
@@ -76,17 +76,6 @@ def default_concurrency(settings: ServiceSettings) -> int:
 
 
 # --- the worker process -----------------------------------------------------------------------
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this process when the server dies; elsewhere the heartbeat thread notices."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(0)
 
 
 class _Worker:
@@ -220,7 +209,7 @@ def _read_report(case_dir: Path) -> dict[str, Any]:
 
 def worker_main(slot: int, settings_data: dict[str, Any], parent: int) -> None:
     """Entry point of a worker process; SIGTERM asks it to stop (a running job is re-queued)."""
-    _die_with_parent(parent)
+    die_with_parent(parent)
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

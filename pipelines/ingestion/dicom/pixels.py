@@ -14,9 +14,8 @@ import mmap
 import os
 import struct
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
 from typing import BinaryIO
 
 import numpy as np
@@ -26,6 +25,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pipelines.errors import InputError
 from pipelines.ingestion.dicom.slices import DicomSlice
 from pipelines.ingestion.dicom.sources import DicomFile, read_dataset
+from pipelines.processes import forked_pool
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _decode_all(files: list[DicomFile], firsts: list[DicomSlice]) -> list[np.nda
     if compressed >= PROCESS_POOL_MIN_FILES and workers > 1:
         # Decoders hold the GIL: use processes. Slices stay here; workers get only the file to decode.
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+            with forked_pool(workers) as pool:
                 return list(pool.map(_decode_with_pydicom, files, chunksize=max(1, len(files) // (workers * 4))))
         except BrokenProcessPool as exc:  # a decoder crashed outright: this case fails, the process lives on
             raise InputError("PIXEL_DATA_CORRUPT", "a decoder crashed on this series' compressed pixel data") from exc
@@ -164,7 +164,7 @@ def _decode_compressed_in_processes(slices: list[DicomSlice], workers: int) -> n
     stack = np.frombuffer(buffer, dtype=dtype).reshape(shape)
     _SHARED_TARGET = (stack, slices)
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+        with forked_pool(workers) as pool:
             list(pool.map(_decode_into_shared, range(len(slices)), chunksize=max(1, len(slices) // (workers * 4))))
     except BrokenProcessPool as exc:  # a decoder crashed outright: this case fails, the process lives on
         raise InputError("PIXEL_DATA_CORRUPT", "a decoder crashed on this series' compressed pixel data") from exc

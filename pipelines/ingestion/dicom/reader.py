@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +22,7 @@ from pipelines.ingestion.dicom.slices import DicomSlice, slices_from_header
 from pipelines.ingestion.dicom.sources import DicomFile, iter_sources, looks_like_dicom, read_header
 from pipelines.ingestion.suv import suv_inputs_from_dataset, suvbw_factors
 from pipelines.limits import check_voxels
+from pipelines.processes import forked_pool
 from pipelines.volume import Volume, VolumeMetadata
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ def _read_slices(sources: list[DicomFile]) -> list[SlicesOfFile]:
     if len(sources) < PARALLEL_HEADERS_MIN_FILES or workers < 2:
         return [_slices_of(source) for source in sources]
     chunk = max(1, len(sources) // (workers * 4))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+    with forked_pool(workers) as pool:
         return list(pool.map(_slices_of_light, sources, chunksize=chunk))
 
 
