@@ -25,6 +25,7 @@ from pipelines.ingestion.reading import CaseVolume, ReadOptions, read_case
 from pipelines.outputs import DICOM_ONLY_FORMATS, OutputOptions
 from pipelines.postprocessing import keep_largest_components, label_array_dtype, labels_from_probabilities
 from pipelines.preprocessing import GridMapping, prepare
+from pipelines.processes import stage_progress
 from pipelines.volume import Volume
 from pipelines.writers.nifti import write_float_maps, write_mask, write_probabilities
 from pipelines.writers.report import label_table, software_versions, write_json
@@ -163,7 +164,8 @@ def segment_case(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        with timer.stage("read"):
+        read_progress = (lambda fraction: progress("read", fraction)) if callable(progress) else None
+        with timer.stage("read"), stage_progress(read_progress):
             case_volume = read_case(list(case.paths), predictor.manifest.channels, case.case_id, read_options)
             report["input_provenance"] = case_volume.provenance
             volume = case_volume.volume

@@ -306,3 +306,26 @@ def test_reader_processes_die_with_a_killed_parent(tmp_path: Path) -> None:
                  Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
         time.sleep(0.1)
     assert alive == [], f"reader processes {alive} outlived their parent"
+
+
+@pytest.mark.parametrize("files", [40, 80])  # serial reading, and the forked pool (64 files and more)
+def test_the_read_stage_answers_a_timeout_or_cancel(tmp_path: Path, files: int) -> None:
+    from pipelines.errors import Interrupted
+    from pipelines.ingestion.dicom.reader import PARALLEL_HEADERS_MIN_FILES
+    from pipelines.processes import stage_progress
+
+    folder = tmp_path / "long"
+    from pipelines.phantom_dicom import write_ct_series
+
+    write_ct_series(np.zeros((8, 8, files), np.int16), np.diag([2.0, 2.0, 3.0, 1.0]), folder)
+    assert (len(list(folder.iterdir())) >= PARALLEL_HEADERS_MIN_FILES) == (files >= PARALLEL_HEADERS_MIN_FILES)
+    seen: list[float] = []
+
+    def stop_when_started(fraction: float) -> None:
+        seen.append(fraction)
+        if fraction > 0:
+            raise Interrupted("cancelled")
+
+    with pytest.raises(Interrupted), stage_progress(stop_when_started):
+        read_study(folder)
+    assert seen[0] == 0.0 and 0 < seen[-1] < 1

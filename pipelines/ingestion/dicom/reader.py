@@ -22,7 +22,7 @@ from pipelines.ingestion.dicom.slices import DicomSlice, slices_from_header
 from pipelines.ingestion.dicom.sources import DicomFile, iter_sources, looks_like_dicom, read_header
 from pipelines.ingestion.suv import suv_inputs_from_dataset, suvbw_factors
 from pipelines.limits import check_voxels
-from pipelines.processes import forked_pool
+from pipelines.processes import forked_pool, report_progress
 from pipelines.volume import Volume, VolumeMetadata
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,27 @@ def _read_slices(sources: list[DicomFile]) -> list[SlicesOfFile]:
     """Headers to slices; a large study is read by forked workers that send back light slices (parsing and
     attribute access are GIL-bound, and pydicom headers are slower to unpickle than to parse)."""
     workers = min(os.cpu_count() or 1, 8)
+    total = max(len(sources), 1)
     if len(sources) < PARALLEL_HEADERS_MIN_FILES or workers < 2:
-        return [_slices_of(source) for source in sources]
+        results = []
+        for index, source in enumerate(sources):
+            if index % 16 == 0:
+                report_progress(index / total)  # a cancelled or timed-out job stops here
+            results.append(_slices_of(source))
+        return results
     chunk = max(1, len(sources) // (workers * 4))
-    with forked_pool(workers) as pool:
-        return list(pool.map(_slices_of_light, sources, chunksize=chunk))
+    pool = forked_pool(workers)
+    try:
+        results = []
+        for index, result in enumerate(pool.map(_slices_of_light, sources, chunksize=chunk)):
+            if index % 16 == 0:
+                report_progress(index / total)
+            results.append(result)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # interrupted: do not wait for the rest of the study
+        raise
+    pool.shutdown()
+    return results
 
 
 def load_volume(candidate: VolumeCandidate, case_id: str | None = None) -> Volume:
