@@ -73,8 +73,8 @@ needs_diffusion_demo = pytest.mark.skipif(not DIFFUSION_SHIPPED, reason="diffusi
 
 @needs_diffusion_demo
 def test_diffusion_demo_on_a_pet_ct_phantom_it_never_saw_reproducibly(tmp_path):
-    """A fresh PET/CT phantom through the sampler at the CPU budget: the tumour and nodes found, and the same
-    seed gives the same masks and uncertainty bit for bit."""
+    """A fresh PET/CT phantom through the sampler: the tumour and nodes found, and the same seed gives the same
+    masks and uncertainty bit for bit."""
     from models.manifest import Channel
     from pipelines.ingestion.reading import read_case
     from pipelines.phantoms_hnc import make_hnc_phantom
@@ -88,9 +88,12 @@ def test_diffusion_demo_on_a_pet_ct_phantom_it_never_saw_reproducibly(tmp_path):
                       (Channel("CT", "CT"), Channel("PET", "PT")), "fresh").volume
     predictor = Predictor(manifest, device="cpu")
     assert predictor.weights_sha256 == manifest.weights.sha256
-    first, second = segment_volume(image, predictor), segment_volume(image, predictor)
-    np.testing.assert_array_equal(first.labels, second.labels)
-    np.testing.assert_array_equal(first.maps["uncertainty"], second.maps["uncertainty"])
-    scores = score_case(first.labels, np.asarray(phantom.label.dataobj, np.uint8), manifest.label_names(),
+    # half the manifest's CPU budget (bench/hnc_models.py measures the full one): still finds tumour and nodes
+    result = segment_volume(image, predictor.with_sampling({"steps": 10, "members": 3}))
+    scores = score_case(result.labels, np.asarray(phantom.label.dataobj, np.uint8), manifest.label_names(),
                         image.spacing)
     assert mean_dice(scores) > 0.7, scores
+    quick = predictor.with_sampling({"steps": 3, "members": 2, "seed": 11})
+    first, second = segment_volume(image, quick), segment_volume(image, quick)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    np.testing.assert_array_equal(first.maps["uncertainty"], second.maps["uncertainty"])
