@@ -44,10 +44,12 @@ def current_limits() -> InputLimits:
     return InputLimits.from_environment()
 
 
-def check_voxels(shape: tuple[int, ...], what: str, limit: int | None = None, *, model_space: bool = False) -> None:
-    """Refuse a grid of more voxels than the limit (Python integers: absurd dimensions cannot overflow)."""
-    limits = current_limits()
-    bound = limit if limit is not None else (limits.max_model_voxels if model_space else limits.max_voxels)
+def check_voxels(shape: tuple[int, ...], what: str, limits: InputLimits | None = None, *,
+                 model_space: bool = False) -> None:
+    """Refuse a grid of more voxels than the limit (Python integers: absurd dimensions cannot overflow);
+    ``limits``: the caller's, when it has read them already."""
+    limits = limits or current_limits()
+    bound = limits.max_model_voxels if model_space else limits.max_voxels
     count = 1
     for n in shape:
         count *= max(int(n), 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,17 +155,22 @@ def _source_datasets(candidate: VolumeCandidate) -> list[Dataset]:
     return datasets
 
 
-def is_tiled(candidate: VolumeCandidate) -> bool:
-    """A volume cut from the tiles of one image (a Siemens mosaic, a United Imaging grid); refused when its
-    tiles come from several images (no such export is known)."""
+def _parts_of_one_file(candidate: VolumeCandidate, is_part: Callable[[DicomSlice], bool], what: str) -> bool:
+    """Whether the volume's slices are parts of one file (frames, tiles); refused when only some are, or when
+    they come from several files, which one DICOM-SEG cannot reference."""
     assert candidate.geometry is not None
     slices = candidate.geometry.slices
-    if all(s.tile_origin is None for s in slices):
+    if not any(is_part(s) for s in slices):
         return False
-    if any(s.tile_origin is None for s in slices) or len({s.source for s in slices}) > 1:
-        raise OutputError("SEG_SOURCE_UNSUPPORTED", "a volume made of tiles of several images cannot be referenced "
-                                                    "by one DICOM-SEG")
+    if not all(is_part(s) for s in slices) or len({s.source for s in slices}) > 1:
+        raise OutputError("SEG_SOURCE_UNSUPPORTED", f"a volume made of {what} cannot be referenced by one "
+                                                    "DICOM-SEG yet")
     return True
+
+
+def is_tiled(candidate: VolumeCandidate) -> bool:
+    """A volume cut from the tiles of one image (a Siemens mosaic, a United Imaging grid)."""
+    return _parts_of_one_file(candidate, lambda s: s.tile_origin is not None, "tiles of several images")
 
 
 def _as_one_tile(dataset: Dataset, first: DicomSlice) -> None:
@@ -178,14 +183,10 @@ def _as_one_tile(dataset: Dataset, first: DicomSlice) -> None:
 def source_frames(candidate: VolumeCandidate) -> list[int] | None:
     """For a volume made of frames of one multi-frame file (enhanced CT/MR), the 1-based frame number of each
     stack slice; ``None`` for single-frame images. Frames of several multi-frame files are not supported."""
-    assert candidate.geometry is not None
-    slices = candidate.geometry.slices
-    if all(s.frame is None for s in slices):
+    if not _parts_of_one_file(candidate, lambda s: s.frame is not None, "frames of several multi-frame files"):
         return None
-    if any(s.frame is None for s in slices) or len({s.source for s in slices}) > 1:
-        raise OutputError("SEG_SOURCE_UNSUPPORTED", "a volume made of frames of several multi-frame files cannot be "
-                                                    "referenced by one DICOM-SEG yet")
-    return [int(s.frame) + 1 for s in slices]  # type: ignore[arg-type]
+    assert candidate.geometry is not None
+    return [int(s.frame) + 1 for s in candidate.geometry.slices]  # type: ignore[arg-type]
 
 
 def _frame_geometry(candidate: VolumeCandidate) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,27 +118,27 @@ def _read_slices(sources: list[DicomFile]) -> list[SlicesOfFile]:
     """Headers to slices; a large study is read by forked workers that send back light slices (parsing and
     attribute access are GIL-bound, and pydicom headers are slower to unpickle than to parse)."""
     workers = min(os.cpu_count() or 1, 8)
-    total = max(len(sources), 1)
     if len(sources) < PARALLEL_HEADERS_MIN_FILES or workers < 2:
-        results = []
-        for index, source in enumerate(sources):
-            if index % 16 == 0:
-                report_progress(index / total)  # a cancelled or timed-out job stops here
-            results.append(_slices_of(source))
-        return results
+        return _collected(map(_slices_of, sources), len(sources))
     chunk = max(1, len(sources) // (workers * 4))
     pool = forked_pool(workers)
     try:
-        results = []
-        for index, result in enumerate(pool.map(_slices_of_light, sources, chunksize=chunk)):
-            if index % 16 == 0:
-                report_progress(index / total)
-            results.append(result)
+        results = _collected(pool.map(_slices_of_light, sources, chunksize=chunk), len(sources))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)  # interrupted: do not wait for the rest of the study
         raise
     pool.shutdown()
     return results
+
+
+def _collected(results: Iterator[SlicesOfFile], total: int) -> list[SlicesOfFile]:
+    """The files' slices as they come, with progress every 16 files (a cancelled or timed-out job stops there)."""
+    collected = []
+    for index, result in enumerate(results):
+        if index % 16 == 0:
+            report_progress(index / max(total, 1))
+        collected.append(result)
+    return collected
 
 
 def load_volume(candidate: VolumeCandidate, case_id: str | None = None) -> Volume:

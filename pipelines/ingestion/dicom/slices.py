@@ -177,11 +177,11 @@ def slices_from_header(ds: Dataset, source: DicomFile, pixel_offset: int | None 
     """The 2-D images of one file, as slices (one per frame for a multi-frame file)."""
     common = {**_common(ds, source), "pixel_offset": pixel_offset}
     frames = common["frames_in_file"]
-    limit = current_limits().max_frames
-    if frames > limit:
-        raise InputError("VOLUME_TOO_LARGE", f"a DICOM file declares {frames:,} frames, at most {limit:,} allowed "
-                                             "(TESSERA_MAX_FRAMES)")
-    check_voxels((common["columns"], common["rows"], frames), "a DICOM file")
+    limits = current_limits()
+    if frames > limits.max_frames:
+        raise InputError("VOLUME_TOO_LARGE", f"a DICOM file declares {frames:,} frames, at most "
+                                             f"{limits.max_frames:,} allowed (TESSERA_MAX_FRAMES)")
+    check_voxels((common["columns"], common["rows"], frames), "a DICOM file", limits)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if frames > 1 and per_frame is not None:
         yield from _enhanced_frames(ds, common, frames)

@@ -52,7 +52,7 @@ class DicomFile:
             return self.path.open("rb")
         if self.member is None:
             with self.path.open("rb") as handle:
-                return io.BytesIO(inflate_capped(handle, self.name))
+                return io.BytesIO(inflate_capped(handle, self.safe_name))
         try:
             archive = _archive(self.path)
             info = archive.getinfo(self.member)
@@ -65,7 +65,7 @@ class DicomFile:
                                                                 "do not support")
             with archive.open(info) as handle:
                 if self.gzipped:
-                    return io.BytesIO(inflate_capped(handle, self.name))  # type: ignore[arg-type]
+                    return io.BytesIO(inflate_capped(handle, self.safe_name))  # type: ignore[arg-type]
                 return io.BytesIO(handle.read())  # bounded: check_zip_archive capped the declared sizes
         except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError, EOFError,
                 zlib.error, ValueError) as exc:
