@@ -49,12 +49,22 @@ class GridMapping:
             self.model_affine, self.oriented_affine, atol=1e-6
         )
 
-    def labels_to_source(self, channels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        """The argmax over classes of :meth:`to_source` (identical labels, ties to the lower class), resampling
-        ``chunk`` classes at a time: memory grows with a few source-grid volumes, not classes x voxels."""
+    def labels_to_source(self, channels: torch.Tensor, chunk: int = 8, by_cells: bool = True) -> torch.Tensor:
+        """The argmax over classes of :meth:`to_source`. Axis-aligned grids (the usual case, oblique sources
+        included): decided cell by cell on the scores' device (:mod:`pipelines.labels_back`), boundary voxels
+        interpolated; otherwise ``chunk`` classes at a time through :meth:`to_source` (identical labels, ties to
+        the lower class): memory grows with a few source-grid volumes, not classes x voxels. ``by_cells=False``
+        takes the second way always."""
         from pipelines.inference.sliding_window import argmax_over_chunks, label_dtype
+        from pipelines.labels_back import axis_aligned_map, labels_on_target
 
+        if isinstance(channels, MetaTensor):
+            channels = channels.as_tensor()
         classes = int(channels.shape[0])
+        aligned = axis_aligned_map(self.model_affine, self.oriented_affine) if by_cells and self.resampled else None
+        if aligned is not None and classes < 255:
+            labels = labels_on_target(channels.float(), aligned, self.oriented_shape)
+            return self._orient_back(labels.cpu().numpy()[None])[0]
         parts = (self.to_source(channels[start : start + chunk]) for start in range(0, classes, chunk))
         return argmax_over_chunks(parts, label_dtype(classes))
 
@@ -69,7 +79,10 @@ class GridMapping:
                 moving, dst_affine=torch.as_tensor(self.oriented_affine, dtype=torch.float64),
                 spatial_size=self.oriented_shape,
             )
-        array = torch.as_tensor(channels).detach().cpu().numpy()
+        return self._orient_back(torch.as_tensor(channels).detach().cpu().numpy())
+
+    def _orient_back(self, array: np.ndarray) -> torch.Tensor:
+        """Channel-first values on the oriented grid, flipped and permuted exactly onto the source grid."""
         back = orientations.ornt_transform(
             orientations.io_orientation(self.oriented_affine), orientations.io_orientation(self.source_affine)
         )

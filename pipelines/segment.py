@@ -10,7 +10,8 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,55 +155,152 @@ def segment_case(
     (``True``) or a callback told each stage and the fraction of windows done; when the callback raises
     :class:`~pipelines.errors.Interrupted` the case stops there, nothing is written.
     """
-    case_dir = output_root / case.case_id
-    if not overwrite and is_finished(case_dir):
-        return CaseResult(case.case_id, "skipped", case_dir)
-    started = time.perf_counter()
-    timer = StageTimer(listener=progress if callable(progress) else None)
-    report: dict[str, Any] = _report_header(case, predictor, keep_largest)
-    staging = output_root / f".{case.case_id}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    job = CaseJob(output_root, predictor, keep_largest=keep_largest, overwrite=overwrite, progress=progress,
+                  read_options=read_options, outputs=outputs)
+    run = job.read(case)
+    if isinstance(run, CaseResult):
+        return run
+    job.compute(run)
+    return job.write(run)
+
+
+def segment_cases(cases: Sequence[CaseInput], job: CaseJob, *, overlap: bool = True) -> Iterator[CaseResult]:
+    """Every case of a batch through ``job``, results in order. ``overlap``: the next case is read (and its
+    volume held) and the previous one written while the current one is predicted, on two threads (reading and
+    writing are mostly zlib and numpy, which let go of the GIL): at most three cases in memory, one ahead and one
+    behind. A case that fails, fails alone, as in the sequential loop."""
+    if not overlap:
+        for case in cases:
+            run = job.read(case)
+            if not isinstance(run, CaseResult):
+                job.compute(run)
+                run = job.write(run)
+            yield run
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="tessera-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="tessera-write") as writer:
+        ahead = reader.submit(job.read, cases[0]) if cases else None
+        behind: Future[CaseResult] | None = None
+        for index in range(len(cases)):
+            assert ahead is not None
+            run = ahead.result()
+            ahead = reader.submit(job.read, cases[index + 1]) if index + 1 < len(cases) else None
+            if not isinstance(run, CaseResult):
+                job.compute(run)
+            if behind is not None:
+                yield behind.result()
+            behind = writer.submit(job.write, run) if not isinstance(run, CaseResult) else None
+            if behind is None:
+                yield run  # type: ignore[misc]
+        if behind is not None:
+            yield behind.result()
+
+
+@dataclass
+class CaseRun:
+    """One case in flight between the stages of a :class:`CaseJob`."""
+
+    case: CaseInput
+    staging: Path
+    started: float
+    timer: StageTimer
+    report: dict[str, Any]
+    case_volume: CaseVolume | None = None
+    formats: frozenset[str] = frozenset()
+    result: Segmentation | None = None
+    error: TesseraError | None = None
+
+
+@dataclass
+class CaseJob:
+    """How the cases of one run are segmented: read, compute (prepare, predict, back to the source grid,
+    postprocess) and write, as three calls so that a batch can overlap them (:func:`segment_cases`)."""
+
+    output_root: Path
+    predictor: Predictor
+    keep_largest: bool = True
+    overwrite: bool = False
+    progress: bool | ProgressCallback = False
+    read_options: ReadOptions | None = None
+    outputs: OutputOptions | None = None
+
+    def read(self, case: CaseInput) -> CaseRun | CaseResult:
+        """The skip check, a fresh staging folder and the read stage (its error kept for :meth:`write`)."""
+        case_dir = self.output_root / case.case_id
+        if not self.overwrite and is_finished(case_dir):
+            return CaseResult(case.case_id, "skipped", case_dir)
+        progress = self.progress
+        run = CaseRun(case, self.output_root / f".{case.case_id}.partial", time.perf_counter(),
+                      StageTimer(listener=progress if callable(progress) else None),
+                      _report_header(case, self.predictor, self.keep_largest))
+        shutil.rmtree(run.staging, ignore_errors=True)
+        run.staging.mkdir(parents=True)
+        with _case_errors(run):
+            read_progress = (lambda fraction: progress("read", fraction)) if callable(progress) else None
+            with run.timer.stage("read"), stage_progress(read_progress):
+                run.case_volume = read_case(list(case.paths), self.predictor.manifest.channels, case.case_id,
+                                            self.read_options)
+                run.report["input_provenance"] = run.case_volume.provenance
+            run.formats = (self.outputs or OutputOptions()).for_case(run.case_volume.dicom_source is not None)
+            needs_dicom = sorted(set(DICOM_ONLY_FORMATS) & run.formats)
+            if needs_dicom and run.case_volume.dicom_source is None:
+                raise OutputError("SEG_NEEDS_DICOM", f"{' and '.join(needs_dicom)} reference the source DICOM series; "
+                                                     "this case's input is NIfTI (drop them from --format, or use "
+                                                     "export-seg)")
+        return run
+
+    def compute(self, run: CaseRun) -> None:
+        """Prepare, predict, back to the source grid, postprocess (nothing when the read failed)."""
+        if run.error is not None or run.case_volume is None:
+            return
+        with _case_errors(run):
+            fractional = (self.outputs or OutputOptions()).seg_type == "fractional" and "dicom-seg" in run.formats
+            run.result = segment_volume(run.case_volume.volume, self.predictor, keep_largest=self.keep_largest,
+                                        progress=self.progress, timer=run.timer,
+                                        keep_probabilities="probabilities" in run.formats or fractional)
+            run.result.warnings[:0] = run.case_volume.warnings
+            if self.predictor.last_plan is not None:
+                run.report["settings"]["stitch_plan"] = asdict(self.predictor.last_plan)
+            if self.predictor.last_runtime:
+                run.report["settings"]["network_runtime"] = self.predictor.last_runtime
+
+    def write(self, run: CaseRun) -> CaseResult:
+        """The outputs and the report into the staging folder, renamed into place; the case's result."""
+        if run.error is None and run.result is not None and run.case_volume is not None:
+            with _case_errors(run):
+                result = run.result
+                with run.timer.stage("write"):
+                    written = _write_outputs(result, run.case_volume, self.predictor, self.outputs or OutputOptions(),
+                                             run.formats, run.staging)
+                run.report.update(status="succeeded", warnings=result.warnings, geometry=_geometry(result),
+                                  outputs=written,
+                                  label_voxels=_label_voxels(result.labels, self.predictor.manifest.label_names()))
+        seconds = round(time.perf_counter() - run.started, 3)
+        run.report["timings_s"] = {**run.timer.seconds, "total": seconds}
+        if run.error is not None:
+            run.report.update(status="failed", error={"code": run.error.code, "message": run.error.message})
+        write_json(run.report, run.staging / REPORT_NAME)
+        case_dir = self.output_root / run.case.case_id
+        if case_dir.exists():
+            shutil.rmtree(case_dir)
+        run.staging.rename(case_dir)
+        run.result = run.case_volume = None  # the batch holds no case longer than it needs to
+        if run.error is not None:
+            return CaseResult(run.case.case_id, "failed", case_dir, run.error.code, run.error.message, seconds)
+        return CaseResult(run.case.case_id, "succeeded", case_dir, seconds=seconds)
+
+
+@contextmanager
+def _case_errors(run: CaseRun) -> Iterator[None]:
+    """A coded error or a bug inside ends this case (kept on ``run``), never the batch."""
     try:
-        read_progress = (lambda fraction: progress("read", fraction)) if callable(progress) else None
-        with timer.stage("read"), stage_progress(read_progress):
-            case_volume = read_case(list(case.paths), predictor.manifest.channels, case.case_id, read_options)
-            report["input_provenance"] = case_volume.provenance
-            volume = case_volume.volume
-        formats = (outputs or OutputOptions()).for_case(case_volume.dicom_source is not None)
-        needs_dicom = sorted(set(DICOM_ONLY_FORMATS) & formats)
-        if needs_dicom and case_volume.dicom_source is None:
-            raise OutputError("SEG_NEEDS_DICOM", f"{' and '.join(needs_dicom)} reference the source DICOM series; this "
-                                                 "case's input is NIfTI (drop them from --format, or use export-seg)")
-        fractional = (outputs or OutputOptions()).seg_type == "fractional" and "dicom-seg" in formats
-        result = segment_volume(volume, predictor, keep_largest=keep_largest, progress=progress, timer=timer,
-                                keep_probabilities="probabilities" in formats or fractional)
-        result.warnings[:0] = case_volume.warnings
-        with timer.stage("write"):
-            written = _write_outputs(result, case_volume, predictor, outputs or OutputOptions(), formats, staging)
-        if predictor.last_plan is not None:
-            report["settings"]["stitch_plan"] = asdict(predictor.last_plan)
-        if predictor.last_runtime:
-            report["settings"]["network_runtime"] = predictor.last_runtime
-        report.update(status="succeeded", warnings=result.warnings, geometry=_geometry(result), outputs=written,
-                      label_voxels=_label_voxels(result.labels, predictor.manifest.label_names()))
-        error: TesseraError | None = None
+        yield
     except TesseraError as exc:
-        error = exc
+        run.error = exc
     except Exception as exc:  # a bug or an unforeseen input: the case fails, the batch goes on
-        log.debug("case %s failed with an internal error", case.case_id, exc_info=True)
-        error = TesseraError("INTERNAL_ERROR", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    seconds = round(time.perf_counter() - started, 3)
-    report["timings_s"] = {**timer.seconds, "total": seconds}
-    if error is not None:
-        report.update(status="failed", error={"code": error.code, "message": error.message})
-    write_json(report, staging / REPORT_NAME)
-    if case_dir.exists():
-        shutil.rmtree(case_dir)
-    staging.rename(case_dir)
-    if error is not None:
-        return CaseResult(case.case_id, "failed", case_dir, error.code, error.message, seconds)
-    return CaseResult(case.case_id, "succeeded", case_dir, seconds=seconds)
+        log.debug("case %s failed with an internal error", run.case.case_id, exc_info=True)
+        run.error = TesseraError("INTERNAL_ERROR", f"{type(exc).__name__}: "
+                                                   f"{str(exc).splitlines()[0] if str(exc) else ''}")
 
 
 def _write_outputs(

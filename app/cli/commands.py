@@ -102,7 +102,7 @@ def segment(args: argparse.Namespace) -> int:
     from pipelines.cases import discover_cases
     from pipelines.inference import Predictor
     from pipelines.ingestion.reading import ReadOptions
-    from pipelines.segment import OutputOptions, segment_case
+    from pipelines.segment import CaseJob, OutputOptions, segment_cases
 
     manifest = resolve_model(args.model)
     cases = discover_cases(args.inputs, channels=len(manifest.channels))
@@ -129,17 +129,17 @@ def segment(args: argparse.Namespace) -> int:
              len(cases), output)
     counts = {"succeeded": 0, "failed": 0, "skipped": 0}
     show_windows = sys.stderr.isatty()
-    with tqdm(cases, desc="cases", unit="case", disable=None) as bar:
-        for case in bar:
-            bar.set_postfix_str(case.case_id)
-            result = segment_case(case, output, predictor, keep_largest=not args.no_keep_largest,
-                                  overwrite=args.overwrite, progress=show_windows, read_options=read_options,
-                                  outputs=outputs)
+    job = CaseJob(output, predictor, keep_largest=not args.no_keep_largest, overwrite=args.overwrite,
+                  progress=show_windows, read_options=read_options, outputs=outputs)
+    with tqdm(total=len(cases), desc="cases", unit="case", disable=None) as bar:
+        for result in segment_cases(cases, job, overlap=not args.no_overlap):
+            bar.update(1)
+            bar.set_postfix_str(result.case_id)
             counts[result.status] += 1
             if result.status == "failed":
-                log.error("FAILED %s: %s: %s", case.case_id, result.error_code, result.error_message)
+                log.error("FAILED %s: %s: %s", result.case_id, result.error_code, result.error_message)
             elif result.status == "skipped":
-                log.info("skipped %s (already done; --overwrite to redo)", case.case_id)
+                log.info("skipped %s (already done; --overwrite to redo)", result.case_id)
     summary = {"cases": len(cases), **counts, "model": manifest.name, "output": str(output)}
     (output / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%d succeeded, %d failed, %d skipped", counts["succeeded"], counts["failed"], counts["skipped"])

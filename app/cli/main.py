@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     seg.add_argument("--overwrite", action="store_true", help="redo cases that already succeeded")
     seg.add_argument("--no-keep-largest", action="store_true", help="skip keep-largest-component")
+    seg.add_argument("--no-overlap", action="store_true",
+                     help="one case at a time (default: the next case is read and the previous one written while "
+                          "one is predicted)")
     seg.add_argument("--amp", action="store_true", help="mixed precision forward on CUDA")
     sampling = seg.add_argument_group("sampling families (diffusion)")
     sampling.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's, CPU budget)")

@@ -1,0 +1,178 @@
+"""The whole case, file to file: ``tessera segment`` against the standard MONAI recipe, each in its own process.
+
+MONAI recipe (same network, same weights): LoadImaged -> EnsureChannelFirstd -> Orientationd -> Spacingd ->
+ScaleIntensityRanged -> sliding_window_inference -> softmax -> Invertd -> argmax -> SaveImaged (see
+``bench/pipeline_stages.py``), plus MONAI's KeepLargestConnectedComponent on the model's labels for the pairing
+with Tessera's default (which keeps the largest component of those labels). Each run is a fresh process: wall
+seconds (imports and model loading included, as a user waits for them) and peak RSS (``wait4``'s ru_maxrss).
+
+Cases: ``make_phantom(9200, orientation="LPS", spacing=(0.4, 0.4, 0.7))`` (489x378x234) and the same phantom at
+half and double the voxels (spacing scaled by 2^(1/3)); Tessera's own stage timings from its report. Then a
+folder of 6 such cases (seeds 9200-9205): ``tessera segment FOLDER`` sequential (``--no-overlap``) vs overlapped
+(the default: the next case read and the previous one written while one is predicted).
+
+    python bench/whole_case.py [--device cpu] [--sizes 0.5,1,2] [--folder 6] [--output bench/results/...json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit  # noqa: E402
+
+BASE_SEED, BASE_SPACING = 9200, (0.4, 0.4, 0.7)
+
+
+def run_child(command: list[str]) -> dict[str, Any]:
+    """Run ``command`` in its own process: wall seconds and peak resident memory (MiB) of it and its children."""
+    started = time.perf_counter()
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert child.stderr is not None
+    errors = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({child.returncode}):\n{errors.decode()[-3000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def write_case(folder: Path, seed: int, scale: float) -> Path:
+    from pipelines.phantoms import make_phantom
+
+    phantom = make_phantom(seed, orientation="LPS", spacing=tuple(s * scale for s in BASE_SPACING))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"case_{seed}.nii.gz"
+    nib.save(phantom.image, path)
+    return path
+
+
+def tessera(case: Path, out: Path, device: str, keep_largest: bool, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    command = [sys.executable, "-m", "app.cli.main", "segment", str(case), "-o", str(out), "--format", "nifti",
+               "--device", device, "--overwrite", *extra] + ([] if keep_largest else ["--no-keep-largest"])
+    row = run_child(command)
+    if case.is_file():
+        report = json.loads((out / case.name.removesuffix(".nii.gz") / "report.json").read_text())
+        row["stages_s"] = report["timings_s"]
+    return row
+
+
+def monai(case: Path, out: Path, device: str, keep_largest: bool) -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--monai-case", str(case), "--monai-out", str(out),
+               "--device", device] + (["--keep-largest"] if keep_largest else [])
+    return run_child(command)
+
+
+def monai_case(case: Path, out: Path, device: str, keep_largest: bool) -> None:
+    """The MONAI recipe on one file, as a user of MONAI writes it (the child process of :func:`monai`)."""
+    import torch
+    from monai.transforms import KeepLargestConnectedComponent, SaveImage
+    from pipeline_stages import monai_recipe
+
+    from models.registry import resolve_model
+    from pipelines.inference import Predictor
+
+    predictor = Predictor(resolve_model(None), device=device)
+    labels = monai_recipe(predictor)(case)
+    if keep_largest:
+        applied = list(predictor.manifest.keep_largest_component)
+        labels = np.asarray(KeepLargestConnectedComponent(applied_labels=applied, independent=True, connectivity=3)(
+            torch.as_tensor(labels[None].astype(np.int32)))[0]).astype(np.uint8)
+    source = nib.load(case)
+    SaveImage(output_dir=str(out), output_postfix="seg", separate_folder=False, print_log=False, dtype=np.uint8)(
+        torch.as_tensor(labels[None]), meta_data={"affine": source.affine, "original_affine": source.affine,
+                                                   "filename_or_obj": str(case)})
+
+
+def labels_of(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def compare_case(case: Path, work: Path, device: str) -> dict[str, Any]:
+    shape = nib.load(case).shape
+    row: dict[str, Any] = {"shape": list(shape), "voxels": int(np.prod(shape))}
+    pairs = {}
+    for keep in (True, False):
+        key = "keep_largest" if keep else "plain"
+        ours_dir, theirs_dir = work / f"tessera_{key}", work / f"monai_{key}"
+        ours, theirs = tessera(case, ours_dir, device, keep), monai(case, theirs_dir, device, keep)
+        a = labels_of(ours_dir / case.name.removesuffix(".nii.gz") / "mask.nii.gz")
+        b = labels_of(theirs_dir / f"{case.name.removesuffix('.nii.gz')}_seg.nii.gz")
+        pairs[key] = {
+            "tessera": ours, "monai": theirs,
+            "wall_ratio": round(ours["wall_s"] / theirs["wall_s"], 3),
+            "rss_ratio": round(ours["peak_rss_mib"] / theirs["peak_rss_mib"], 3),
+            "identical_labels": round(float((a == b).mean()), 6) if a.shape == b.shape else None,
+        }
+        shutil.rmtree(ours_dir, ignore_errors=True)
+        shutil.rmtree(theirs_dir, ignore_errors=True)
+    row.update(pairs)
+    stages = pairs["keep_largest"]["tessera"]["stages_s"]
+    row["tessera_case_s"] = stages["total"]
+    row["tessera_stages_other_than_predict_s"] = round(stages["total"] - stages["predict"], 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", default="0.5,1,2", help="voxel counts relative to the 489x378x234 phantom")
+    parser.add_argument("--folder", type=int, default=6, help="cases in the sequential vs overlapped run (0: skip)")
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--monai-case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--monai-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--keep-largest", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.monai_case:
+        monai_case(Path(args.monai_case), Path(args.monai_out), args.device, args.keep_largest)
+        return
+    result: dict[str, Any] = {"benchmark": "whole_case", "device": args.device, "platform": platform.platform(),
+                              "cpus": os.cpu_count(), "phantom": f"make_phantom({BASE_SEED}, 'LPS', {BASE_SPACING})"}
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        sizes: dict[str, Any] = {}
+        for factor in (float(f) for f in args.sizes.split(",")):
+            case = write_case(work / f"size_{factor}", BASE_SEED, (1.0 / factor) ** (1 / 3))
+            sizes[f"{factor:g}x"] = compare_case(case, work, args.device)
+            print(json.dumps({f"{factor:g}x": sizes[f"{factor:g}x"]}), file=sys.stderr)
+        result["sizes"] = sizes
+        per_voxel = {k: v["tessera_case_s"] / v["voxels"] for k, v in sizes.items()}
+        if per_voxel:
+            low, high = min(per_voxel.values()), max(per_voxel.values())
+            result["tessera_case_seconds_per_megavoxel"] = {k: round(v * 1e6, 4) for k, v in per_voxel.items()}
+            result["linearity_spread"] = round(high / low - 1, 3)
+        if args.folder:
+            folder = work / "folder"
+            for index in range(args.folder):
+                write_case(folder, BASE_SEED + index, 1.0)
+            runs = {}
+            for mode, extra in (("sequential", ("--no-overlap",)), ("overlapped", ())):
+                runs[mode] = tessera(folder, work / f"out_{mode}", args.device, True, extra)
+            runs["throughput_ratio"] = round(runs["sequential"]["wall_s"] / runs["overlapped"]["wall_s"], 3)
+            same = all(np.array_equal(labels_of(work / "out_sequential" / c / "mask.nii.gz"),
+                                      labels_of(work / "out_overlapped" / c / "mask.nii.gz"))
+                       for c in (p.name.removesuffix(".nii.gz") for p in sorted(folder.iterdir())))
+            runs["masks_equal"] = same
+            result["folder"] = {"cases": args.folder, **runs}
+    emit(result, args.output)
+
+
+if __name__ == "__main__":
+    main()
