@@ -65,6 +65,8 @@ class Family:
     # one forward per sliding window unless the family has its own way (a sampler over the whole volume)
     predict: Callable[[Any, Any, Any], Any] = field(default=lambda predictor, image, progress:
                                                     predictor.window_prediction(image, progress))
+    # whether ``predict`` is the sliding window's (so its probabilities can be streamed slab by slab)
+    predicts_by_window: bool = True
     # (network, image batch, label batch, the named loss, network settings) -> the training loss of one batch
     training_loss: Callable[[Any, Any, Any, Any, dict[str, Any]], Any] = field(
         default=lambda network, image, label, loss, settings: loss(network(image), label))

@@ -88,21 +88,61 @@ def labels_on_target(scores: torch.Tensor, mapping: AxisMap, target_shape: tuple
     """The argmax over classes of ``scores`` ``(K, *model)`` resampled trilinearly (border padding) onto the
     target grid ``target_shape`` that ``mapping`` places on the model grid (positive scales); ``(*target_shape)``
     labels on the scores' device."""
-    if min(mapping.scale) <= 0:
-        raise ValueError(f"target axes run against the model's (scales {mapping.scale})")
-    device = scores.device
-    model_shape = tuple(int(s) for s in scores.shape[1:])
-    axes = [_axis(n, m, s, o, device)
-            for n, m, s, o in zip(target_shape, model_shape, mapping.scale, mapping.offset, strict=True)]
-    lowest, highest = _corner_extremes(argmax_classes(scores, dtype))
-    labels = lowest  # right wherever a cell's corners agree; the boundary cells are overwritten below
-    for axis in (2, 1, 0):  # each cell's label over its run of target voxels: smallest intermediate first
-        labels = torch.repeat_interleave(labels, axes[axis].count, dim=axis)
-    boundary = torch.nonzero(lowest != highest)
-    step = max(1, (1 << 24) // (scores.shape[0] * math.prod(int(a.count.max()) for a in axes)))
-    for first in range(0, boundary.shape[0], step):
-        _interpolate_cells(labels, scores, axes, boundary[first : first + step])
-    return labels
+    slabs = SlabLabels(mapping, tuple(int(s) for s in scores.shape[1:]), target_shape, scores.device, dtype)
+    slabs.add(0, scores)
+    return slabs.finish()
+
+
+class SlabLabels:
+    """:func:`labels_on_target` fed the scores in consecutive slabs along the first model axis (as the
+    sliding-window engine finishes them), so that the scores are never held whole: each slab labels the target
+    voxels whose cells it completes (a cell needs its two model planes; the last plane is carried over)."""
+
+    def __init__(self, mapping: AxisMap, model_shape: tuple[int, ...], target_shape: tuple[int, int, int],
+                 device: torch.device, dtype: torch.dtype = torch.uint8) -> None:
+        if min(mapping.scale) <= 0:
+            raise ValueError(f"target axes run against the model's (scales {mapping.scale})")
+        self.axes = [_axis(n, int(m), s, o, device)
+                     for n, m, s, o in zip(target_shape, model_shape, mapping.scale, mapping.offset, strict=True)]
+        self.labels = torch.empty(target_shape, dtype=dtype, device=device)
+        self.model_depth = int(model_shape[0])
+        self.carry: torch.Tensor | None = None  # the last plane received, for the cell it shares with the next
+        self.next_cell = 0
+
+    def add(self, start: int, scores: torch.Tensor) -> None:
+        """Model planes ``start : start + depth`` of the scores ``(K, depth, *model[1:])``."""
+        if start != self.next_cell + (0 if self.carry is None else 1):
+            raise ValueError(f"slab at plane {start}, expected {self.next_cell + (self.carry is not None)}")
+        planes = scores if self.carry is None else torch.cat([self.carry, scores], dim=1)
+        done = self.next_cell + planes.shape[1] - 1 if self.model_depth > 1 else 1  # cells now complete
+        if done > self.next_cell:
+            self._label_cells(planes, self.next_cell, done)
+        self.carry = scores[:, -1:].clone()
+        self.next_cell = done
+
+    def finish(self) -> torch.Tensor:
+        if self.next_cell != self.axes[0].cells:
+            raise ValueError(f"{self.next_cell} of {self.axes[0].cells} cells along the first axis labelled")
+        return self.labels
+
+    def _label_cells(self, planes: torch.Tensor, first: int, stop: int) -> None:
+        """Cells ``first:stop`` along the first axis from ``planes`` (model planes ``first : stop + 1``)."""
+        whole = self.axes[0]
+        low = int(whole.start[first])
+        high = int(whole.start[stop - 1] + whole.count[stop - 1])
+        if high == low:
+            return
+        sub = _Axis(whole.weight[low:high], whole.start[first:stop] - low, whole.count[first:stop], planes.shape[1])
+        axes = [sub, *self.axes[1:]]
+        lowest, highest = _corner_extremes(argmax_classes(planes, self.labels.dtype))
+        labels = lowest  # right wherever a cell's corners agree; the boundary cells are overwritten below
+        for axis in (2, 1, 0):  # each cell's label over its run of target voxels: smallest intermediate first
+            labels = torch.repeat_interleave(labels, axes[axis].count, dim=axis)
+        boundary = torch.nonzero(lowest != highest)
+        step = max(1, (1 << 24) // (planes.shape[0] * math.prod(max(int(a.count.max()), 1) for a in axes)))
+        for begin in range(0, boundary.shape[0], step):
+            _interpolate_cells(labels, planes, axes, boundary[begin : begin + step])
+        self.labels[low:high] = labels
 
 
 def _interpolate_cells(labels: torch.Tensor, scores: torch.Tensor, axes: list[_Axis], cells: torch.Tensor) -> None:

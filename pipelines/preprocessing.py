@@ -9,7 +9,7 @@ mask therefore lands on the source grid by construction: same shape, same affine
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from nibabel import orientations
 from models.manifest import IntensitySpec, PreprocessingSpec
 from pipelines.limits import check_voxels
 from pipelines.volume import Volume
+
+if TYPE_CHECKING:
+    from pipelines.labels_back import SlabLabels
 
 
 @dataclass(frozen=True)
@@ -56,17 +59,31 @@ class GridMapping:
         the lower class): memory grows with a few source-grid volumes, not classes x voxels. ``by_cells=False``
         takes the second way always."""
         from pipelines.inference.sliding_window import argmax_over_chunks, label_dtype
-        from pipelines.labels_back import axis_aligned_map, labels_on_target
 
         if isinstance(channels, MetaTensor):
             channels = channels.as_tensor()
         classes = int(channels.shape[0])
-        aligned = axis_aligned_map(self.model_affine, self.oriented_affine) if by_cells and self.resampled else None
-        if aligned is not None and classes < 255:
-            labels = labels_on_target(channels.float(), aligned, self.oriented_shape)
-            return self._orient_back(labels.cpu().numpy()[None])[0]
+        slabs = self.slab_labels(classes, channels.device) if by_cells else None
+        if slabs is not None:
+            slabs.add(0, channels.float())
+            return self.labels_from_slabs(slabs)
         parts = (self.to_source(channels[start : start + chunk]) for start in range(0, classes, chunk))
         return argmax_over_chunks(parts, label_dtype(classes))
+
+    def slab_labels(self, classes: int, device: torch.device) -> SlabLabels | None:
+        """A consumer of model-space scores slab by slab that labels the oriented source grid
+        (:class:`pipelines.labels_back.SlabLabels`), or None where the grids are not axis-aligned (or need no
+        resampling, or the classes leave no spare uint8 value)."""
+        from pipelines.labels_back import SlabLabels, axis_aligned_map
+
+        aligned = axis_aligned_map(self.model_affine, self.oriented_affine) if self.resampled else None
+        if aligned is None or classes >= 255:
+            return None
+        return SlabLabels(aligned, self.model_shape, self.oriented_shape, device)
+
+    def labels_from_slabs(self, slabs: SlabLabels) -> torch.Tensor:
+        """The labels a fed :class:`~pipelines.labels_back.SlabLabels` made, on the source grid (CPU)."""
+        return self._orient_back(slabs.finish().cpu().numpy()[None])[0]
 
     def to_source(self, channels: torch.Tensor) -> torch.Tensor:
         """Channel-first model-space values (probabilities, logits) on the exact source grid."""

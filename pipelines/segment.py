@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipelines.cases import CaseInput
 from pipelines.errors import TesseraError
 from pipelines.inference import Predictor
+from pipelines.inference.sliding_window import SlabSink
 from pipelines.ingestion.reading import CaseVolume, ReadOptions, read_case
+from pipelines.labels_back import SlabLabels
 from pipelines.outputs import DICOM_ONLY_FORMATS, OutputOptions
 from pipelines.postprocessing import keep_largest_components, label_array_dtype, labels_from_probabilities
 from pipelines.preprocessing import GridMapping, prepare
@@ -85,15 +88,24 @@ def segment_volume(
         prepared = prepare(volume, manifest.preprocessing)
     with timer.stage("predict"):
         windows = _window_progress(progress) if callable(progress) else progress
-        prediction = predictor.predict(prepared.image, progress=windows)
+        # labels only: the probabilities go back to the source grid slab by slab as the engine finishes them,
+        # never held whole (that time is the way back's, not the prediction's)
+        slabs = None if keep_probabilities else prepared.mapping.slab_labels(manifest.num_classes, predictor.device)
+        sink, sink_seconds = _timed_sink(slabs)
+        prediction = predictor.predict(prepared.image, progress=windows, slab_sink=sink)
         probabilities = prediction.probabilities
         warnings += prediction.warnings
+    timer.seconds["predict"] = round(timer.seconds["predict"] - sink_seconds[0], 4)
     with timer.stage("to_source_grid"):
-        if keep_probabilities:
+        if slabs is not None:
+            timer.seconds["to_source_grid"] = round(sink_seconds[0], 4)
+            labels = prepared.mapping.labels_from_slabs(slabs).numpy().astype(label_array_dtype(manifest.num_classes))
+            on_source = None
+        elif keep_probabilities:
             on_source = prepared.mapping.to_source(probabilities)
             labels = labels_from_probabilities(on_source, manifest.num_classes)
         else:  # a few classes at a time: 100+ class models stay within memory on big source grids
-            labels = prepared.mapping.labels_to_source(probabilities).numpy()
+            labels = prepared.mapping.labels_to_source(probabilities.to(predictor.device)).numpy()
             labels = labels.astype(label_array_dtype(manifest.num_classes))
             on_source = None
         maps = {name: prepared.mapping.to_source(values).numpy().astype(np.float32)
@@ -106,6 +118,20 @@ def segment_volume(
     kept = on_source.numpy().astype(np.float32) if on_source is not None else None
     return Segmentation(labels=labels, volume=volume, mapping=prepared.mapping, timer=timer, warnings=warnings,
                         probabilities=kept, maps=maps)
+
+
+def _timed_sink(slabs: SlabLabels | None) -> tuple[SlabSink | None, list[float]]:
+    """``slabs.add`` and the seconds spent in it so far (the way back, run inside the prediction)."""
+    seconds = [0.0]
+    if slabs is None:
+        return None, seconds
+
+    def add(start: int, values: torch.Tensor) -> None:
+        began = time.perf_counter()
+        slabs.add(start, values.float())
+        seconds[0] += time.perf_counter() - began
+
+    return add, seconds
 
 
 def _window_progress(progress: ProgressCallback) -> Callable[[int, int], None]:

@@ -125,3 +125,34 @@ def test_labels_by_cells_on_a_one_voxel_axis_and_without_resampling():
     expected = ((1 - wy) * (1 - wx) * s[:, y0][:, :, x0] + (1 - wy) * wx * s[:, y0][:, :, x0 + 1]
                 + wy * (1 - wx) * s[:, y0 + 1][:, :, x0] + wy * wx * s[:, y0 + 1][:, :, x0 + 1]).argmax(0)
     assert torch.equal(labels, expected[None].expand(3, 7, 17).to(labels.dtype))
+
+
+@pytest.mark.parametrize("depths", [(1,), (3, 1, 5), (2,) * 20])
+def test_labels_fed_by_slabs_equal_the_whole(depths):
+    """:class:`SlabLabels` fed consecutive model slabs of any depth gives exactly the labels of the whole."""
+    from pipelines.labels_back import AxisMap, SlabLabels, labels_on_target
+
+    torch.manual_seed(len(depths))
+    scores = torch.softmax(torch.nn.functional.avg_pool3d(torch.randn(4, 40, 9, 11), 3, 1, 1) * 30, 0)
+    mapping, target = AxisMap((0.37, 0.5, 0.8), (0.2, -0.4, 0.0)), (107, 19, 13)
+    whole = labels_on_target(scores, mapping, target)
+    slabs = SlabLabels(mapping, tuple(scores.shape[1:]), target, scores.device)
+    start = 0
+    for depth in list(depths) + [40]:
+        if start >= 40:
+            break
+        slabs.add(start, scores[:, start : start + depth])
+        start += depth
+    assert torch.equal(slabs.finish(), whole)
+
+
+def test_labels_fed_by_slabs_refuse_a_gap_or_too_few():
+    from pipelines.labels_back import AxisMap, SlabLabels
+
+    scores = torch.rand(3, 6, 4, 4)
+    slabs = SlabLabels(AxisMap((0.5, 0.5, 0.5), (0.0, 0.0, 0.0)), (6, 4, 4), (11, 7, 7), scores.device)
+    slabs.add(0, scores[:, :2])
+    with pytest.raises(ValueError, match="expected 2"):
+        slabs.add(3, scores[:, 3:])
+    with pytest.raises(ValueError, match="cells along the first axis"):
+        slabs.finish()

@@ -157,3 +157,26 @@ def test_cuda_matches_cpu(network):
         cpu = sliding_window_inference(image, (16, 16, 16), 2, network, output="probabilities")
         gpu = sliding_window_inference(image.cuda(), (16, 16, 16), 2, network.cuda(), output="probabilities")
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("shape", "roi", "overlap", "batch"), CASES)
+@pytest.mark.parametrize("output", ["probabilities", "logits"])
+def test_slab_sink_hands_over_the_whole_result_in_order(network, shape, roi, overlap, batch, output):
+    """Probabilities streamed slab by slab are the whole result, bit for bit, in consecutive slabs (padded volumes
+    cropped), and the engine holds a roi-thick slab, not the volume."""
+    torch.manual_seed(2)
+    image = torch.randn(1, 1, *shape)
+    slabs: list[tuple[int, torch.Tensor]] = []
+    with torch.no_grad():
+        whole = sliding_window_inference(image, roi, batch, network, overlap=overlap, output=output)
+        returned = sliding_window_inference(image, roi, batch, network, overlap=overlap, output=output,
+                                            slab_sink=lambda start, values: slabs.append((start, values.clone())))
+    assert returned.numel() == 0
+    starts = [start for start, _ in slabs]
+    assert starts[0] == 0 and all(b == a + s.shape[1] for (a, s), b in zip(slabs, starts[1:], strict=False))
+    streamed = torch.cat([values for _, values in slabs], dim=1)
+    assert torch.equal(streamed, whole[0])
+    plan = sliding_window_inference.last_plan
+    assert plan.slab_streaming == (shape[0] > roi[0])
+    if plan.slab_streaming:
+        assert len(slabs) > 1 and plan.accumulator_shape[1] == roi[0]

@@ -63,6 +63,7 @@ FAMILY = Family(
     add_train_arguments=_add_train_arguments,
     network_from_args=_network_from_args,
     predict=_predict,
+    predicts_by_window=False,
     training_loss=_training_loss,
     check_sampling=check_sampling,
 )

@@ -15,7 +15,7 @@ from models.families import checked_sampling, get_family
 from models.manifest import ModelManifest
 from models.networks import load_network
 from pipelines.errors import UsageError
-from pipelines.inference.sliding_window import StitchPlan, sliding_window_inference
+from pipelines.inference.sliding_window import SlabSink, StitchPlan, sliding_window_inference
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,14 @@ class Predictor:
         return other
 
     @torch.no_grad()
-    def predict(self, image: torch.Tensor, progress: WindowProgress = False) -> Prediction:
+    def predict(self, image: torch.Tensor, progress: WindowProgress = False,
+                slab_sink: SlabSink | None = None) -> Prediction:
         """The family's prediction for a ``(C, *spatial)`` model-space input: one forward per window (the
         default), or the family's own way (a sampler over the whole volume).
 
         ``progress``: a terminal bar over the windows, or a callback given (windows done, windows in all).
+        ``slab_sink``: families that predict by window hand their probabilities to it slab by slab (the
+        prediction's ``probabilities`` are then empty); the others predict whole and hand them over at once.
         """
         expected = len(self.manifest.channels)
         if image.shape[0] != expected:
@@ -121,7 +124,13 @@ class Predictor:
         self.network.eval()
         try:
             bar = progress if callable(progress) else (self._window_bar() if progress else None)
-            prediction: Prediction = family.predict(self, image, bar)
+            if slab_sink is not None and family.predicts_by_window:
+                prediction: Prediction = self.window_prediction(image, bar, slab_sink)
+            else:
+                prediction = family.predict(self, image, bar)
+                if slab_sink is not None:
+                    slab_sink(0, prediction.probabilities)
+                    prediction.probabilities = torch.empty(0)
         finally:
             self.network.train(was_training)
         self.last_runtime = {**family.runtime_info(), **prediction.details}  # e.g. which scan backend ran
@@ -131,8 +140,10 @@ class Predictor:
         """The class probabilities ``(K, *spatial)`` of :meth:`predict`."""
         return self.predict(image, progress).probabilities
 
-    def window_prediction(self, image: torch.Tensor, progress: Callable[[int, int], None] | None) -> Prediction:
-        """One forward per sliding window, softmax probabilities (the discriminative families' prediction)."""
+    def window_prediction(self, image: torch.Tensor, progress: Callable[[int, int], None] | None,
+                          slab_sink: SlabSink | None = None) -> Prediction:
+        """One forward per sliding window, softmax probabilities (the discriminative families' prediction);
+        handed to ``slab_sink`` slab by slab when given."""
         batch = image[None].to(self.device)
         if isinstance(batch, MetaTensor):
             batch = batch.as_tensor()
@@ -146,9 +157,10 @@ class Predictor:
             output="probabilities",
             amp=self.amp,
             progress=progress,
+            slab_sink=slab_sink,
         )
         self.last_plan = sliding_window_inference.last_plan  # type: ignore[attr-defined]
-        return Prediction(probabilities[0].cpu())
+        return Prediction(probabilities[0].cpu() if slab_sink is None else probabilities)
 
     @staticmethod
     def _window_bar():  # type: ignore[no-untyped-def]

@@ -91,20 +91,24 @@ def plan_stitching(
     device: torch.device,
     memory_budget_bytes: int | None = None,
     accumulate_dtype: torch.dtype | None = None,
+    slab_sink: bool = False,
 ) -> StitchPlan:
-    """Decide accumulator precision and slab streaming from sizes and the memory at hand."""
+    """Decide accumulator precision and slab streaming from sizes and the memory at hand (``slab_sink``: the
+    caller takes probabilities slab by slab, so they stream whenever the volume is deeper than a window)."""
     budget = memory_budget_bytes if memory_budget_bytes is not None else available_memory_bytes(device) // 2
     voxels = math.prod(image_size)
     roi_voxels = math.prod(roi_size)
     batch_bytes = 2 * sw_batch_size * classes * roi_voxels * 4  # predictor output + the weighted copy
     whole_bytes = classes * voxels * 4
-    streaming = output == "labels" and image_size[0] > roi_size[0] and (
-        whole_bytes > STREAM_ABOVE_BYTES or whole_bytes > budget // 2)
+    streaming = image_size[0] > roi_size[0] and (slab_sink or output == "labels" and (
+        whole_bytes > STREAM_ABOVE_BYTES or whole_bytes > budget // 2))
     depth_voxels = (roi_size[0] * voxels // image_size[0]) if streaming else voxels
     label_bytes = voxels * label_dtype(classes).itemsize if output == "labels" else 0
 
     def need(item_size: int) -> int:
         weight_map = 0 if output == "labels" else voxels * 4
+        if slab_sink:  # the probabilities of one slab, not of the volume
+            return classes * depth_voxels * (item_size + 4) + weight_map + batch_bytes
         return classes * depth_voxels * item_size + weight_map + batch_bytes + label_bytes
 
     reasons = []
@@ -121,7 +125,8 @@ def plan_stitching(
         dtype = torch.float32
         reasons.append("float32 accumulation fits")
     if streaming:
-        reasons.append("labels only: slabs finalised as soon as their windows are done")
+        reasons.append("labels only: slabs finalised as soon as their windows are done" if output == "labels" else
+                       "probability slabs handed on as soon as their windows are done")
     estimated = need(2 if dtype == torch.float16 else 4)
     if estimated > budget:
         reasons.append(f"warning: needs about {estimated / 2**30:.2f} GiB, budget {budget / 2**30:.2f} GiB")
@@ -234,19 +239,25 @@ def sliding_window_inference(
     amp: bool = False,
     mirror_axes: Sequence[int] = (),
     progress: Callable[[int, int], None] | None = None,
+    slab_sink: SlabSink | None = None,
 ) -> torch.Tensor:
     """Sliding-window inference with MONAI's grid and Tessera's stitching.
 
     Returns ``labels`` ``(B, D, H, W)`` uint8 (int16 past 256 classes), or ``probabilities`` (softmax over
-    classes) / ``logits`` (blended, as MONAI returns them) ``(B, K, D, H, W)`` float32.
+    classes) / ``logits`` (blended, as MONAI returns them) ``(B, K, D, H, W)`` float32. ``slab_sink`` (one
+    input, ``probabilities`` or ``logits``): the result is handed over in consecutive slabs along the first
+    spatial axis, ``slab_sink(start, values (K, depth, H, W))``, each as soon as its windows are done, and
+    never held whole (an empty tensor is returned).
     """
     roi = _validate(inputs, roi_size, sw_batch_size, overlap, mode, output)
+    if slab_sink is not None and (output == "labels" or inputs.shape[0] != 1):
+        raise ValueError("slab_sink takes the probabilities or logits of one input")
     forward = _mirrored(predictor, mirror_axes) if mirror_axes else predictor
     results = []
     for item in range(inputs.shape[0]):
         results.append(_stitch_one(inputs[item : item + 1], roi, sw_batch_size, forward, overlap, mode,
                                    sigma_scale, padding_mode, cval, output, plan, memory_budget_bytes,
-                                   accumulate_dtype, amp, progress))
+                                   accumulate_dtype, amp, progress, slab_sink))
     return torch.cat(results) if len(results) > 1 else results[0]
 
 
@@ -269,6 +280,7 @@ def _stitch_one(
     accumulate_dtype: torch.dtype | None,
     amp: bool,
     progress: Callable[[int, int], None] | None,
+    slab_sink: SlabSink | None = None,
 ) -> torch.Tensor:
     original = tuple(int(s) for s in image.shape[2:])
     pad: list[int] = []
@@ -282,6 +294,9 @@ def _stitch_one(
     slices = dense_patch_slices(size, roi, interval)
     device = image.device
     weights = _importance(roi, mode, float(sigma_scale), str(device))
+    key = (size, roi, tuple(interval), mode, float(sigma_scale), str(device))
+    crop = tuple(slice(pad[2 * (2 - axis)], pad[2 * (2 - axis)] + original[axis]) for axis in range(3))
+    sink = None if slab_sink is None else _cropped_sink(slab_sink, crop)
     stitcher: _Stitcher | None = None
     done = 0
     for start in range(0, len(slices), sw_batch_size):
@@ -292,9 +307,9 @@ def _stitch_one(
         if stitcher is None:
             classes = int(logits.shape[1])
             chosen = plan or plan_stitching(size, roi, classes, len(slices), sw_batch_size, output, device,
-                                            memory_budget_bytes, accumulate_dtype)
+                                            memory_budget_bytes, accumulate_dtype, slab_sink=sink is not None)
             sliding_window_inference.last_plan = chosen  # type: ignore[attr-defined]
-            stitcher = _Stitcher(chosen, size, roi, weights, slices, device)
+            stitcher = _Stitcher(chosen, size, roi, weights, slices, device, key, sink)
         for index, window in enumerate(batch_slices):
             stitcher.add(window, logits[index])
         # drop this batch's output before the next forward: otherwise it lives on while the predictor makes the
@@ -304,11 +319,27 @@ def _stitch_one(
         if progress:
             progress(done, len(slices))
     assert stitcher is not None
-    result = stitcher.finish(key=(size, roi, tuple(interval), mode, float(sigma_scale), str(device)))
-    crop = tuple(slice(pad[2 * (2 - axis)], pad[2 * (2 - axis)] + original[axis]) for axis in range(3))
+    result = stitcher.finish()
+    if sink is not None:
+        return result
     if output == "labels":
         return result[(slice(None), *crop)]
     return result[(slice(None), slice(None), *crop)].contiguous()
+
+
+SlabSink = Callable[[int, torch.Tensor], None]
+
+
+def _cropped_sink(sink: SlabSink, crop: tuple[slice, ...]) -> SlabSink:
+    """``sink`` told slabs of the unpadded volume: padded slabs cropped, their start shifted."""
+    first, stop = int(crop[0].start), int(crop[0].stop)
+
+    def take(start: int, values: torch.Tensor) -> None:
+        lo, hi = max(start, first), min(start + values.shape[1], stop)
+        if hi > lo:
+            sink(lo - first, values[:, lo - start : hi - start, crop[1], crop[2]])
+
+    return take
 
 
 def argmax_classes(scores: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
@@ -362,8 +393,9 @@ class _Stitcher:
     """Accumulates weighted window outputs; streams finished slabs to labels when the plan says so."""
 
     def __init__(self, plan: StitchPlan, size: tuple[int, ...], roi: tuple[int, int, int], weights: torch.Tensor,
-                 slices: list[tuple[slice, ...]], device: torch.device) -> None:
-        self.plan, self.size, self.roi, self.slices = plan, size, roi, slices
+                 slices: list[tuple[slice, ...]], device: torch.device, key: tuple,
+                 sink: SlabSink | None = None) -> None:
+        self.plan, self.size, self.roi, self.slices, self.key, self.sink = plan, size, roi, slices, key, sink
         dtype = torch.float16 if plan.accumulate_dtype == "float16" else torch.float32
         self.weights = weights.to(device=plan.device)
         # float16 labels: each window's logits minus their per-voxel class maximum (a per-voxel offset that is
@@ -416,9 +448,12 @@ class _Stitcher:
         return buffer
 
     def _finalise(self, end: int) -> None:
-        assert self.labels is not None
         depth = end - self.lo
-        self._argmax(self.accumulator[:, :depth], self.labels[0, self.lo : end])
+        if self.sink is not None:
+            self.sink(self.lo, self._normalised(self.accumulator[:, :depth], self.lo, end))
+        else:
+            assert self.labels is not None
+            self._argmax(self.accumulator[:, :depth], self.labels[0, self.lo : end])
         keep = self.accumulator.shape[1] - depth
         for index in range(keep):  # shift in place, front to back, so no source slice is overwritten early
             self.accumulator[:, index].copy_(self.accumulator[:, index + depth])
@@ -431,7 +466,24 @@ class _Stitcher:
         else:
             out.copy_(argmax_classes(scores, out.dtype))
 
-    def finish(self, key: tuple) -> torch.Tensor:
+    def _normalised(self, accumulated: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Blended values of planes ``lo:hi`` (softmax for probabilities), a fresh float32 tensor."""
+        total = _weight_sum(self.size, self.slices, self.weights, self.key)[lo:hi]
+        if self.cupy:
+            out = torch.empty(accumulated.shape, dtype=torch.float32, device=accumulated.device)
+            cuda_kernels.normalise(accumulated.contiguous(), total, out, softmax=self.plan.output == "probabilities")
+            return out
+        blended = accumulated.float().div_(total)
+        # a fresh tensor either way: the accumulator goes back to the pool
+        return softmax_classes(blended) if self.plan.output == "probabilities" else blended.clone()
+
+    def finish(self) -> torch.Tensor:
+        if self.sink is not None:
+            if self.plan.slab_streaming:
+                self._finalise(self.size[0])
+            else:
+                self.sink(0, self._normalised(self.accumulator, 0, self.size[0]))
+            return torch.empty(0)
         if self.plan.output == "labels":
             assert self.labels is not None
             if self.plan.slab_streaming:
@@ -439,12 +491,4 @@ class _Stitcher:
             else:
                 self._argmax(self.accumulator, self.labels[0])
             return self.labels
-        total = _weight_sum(self.size, self.slices, self.weights, key)
-        if self.cupy:
-            out = torch.empty(self.accumulator.shape, dtype=torch.float32, device=self.accumulator.device)
-            cuda_kernels.normalise(self.accumulator, total, out, softmax=self.plan.output == "probabilities")
-            return out[None]
-        blended = self.accumulator.float().div_(total)
-        # a fresh tensor either way: the accumulator goes back to the pool
-        result = softmax_classes(blended) if self.plan.output == "probabilities" else blended.clone()
-        return result[None]
+        return self._normalised(self.accumulator, 0, self.size[0])[None]
