@@ -6,6 +6,7 @@
 # 2. bench/stitching.py on CUDA (105 classes at 256^3, Swin-UNETR fs48);
 # 3. bench/scan.py's backends on CUDA (chunked; and mamba_ssm's kernel when importable).
 # 4. bench/diffusion.py on CUDA (the diffusion demo model, full sampler, one PET/CT case).
+# 5. bench/whole_case.py on CUDA (file to file against the MONAI recipe; the 489x378x234 phantom only).
 # Results land in OUTDIR (default bench/results) named after the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,3 +22,5 @@ export PYTHONUNBUFFERED=1
 "$py" bench/scan.py --device cuda --lengths 4096,32768 --repeats 3 --output "$out/scan_${gpu}.json"
 # 4. the diffusion demo model on one PET/CT case at the full sampler (the manifest's GPU steps and members)
 "$py" bench/diffusion.py --device cuda --output "$out/diffusion_${gpu}.json"
+# 5. the whole case, file to file, against the MONAI recipe on the GPU (one size, no folder run: time is short)
+"$py" bench/whole_case.py --device cuda --sizes 1 --folder 0 --output "$out/whole_case_${gpu}.json"

@@ -28,7 +28,7 @@ from pipelines.ingestion.reading import CaseVolume, ReadOptions, read_case
 from pipelines.labels_back import SlabLabels
 from pipelines.outputs import DICOM_ONLY_FORMATS, OutputOptions
 from pipelines.postprocessing import keep_largest_components, label_array_dtype, labels_from_probabilities
-from pipelines.preprocessing import GridMapping, prepare
+from pipelines.preprocessing import GridMapping, PreparedInput, prepare
 from pipelines.processes import stage_progress
 from pipelines.volume import Volume
 from pipelines.writers.nifti import write_float_maps, write_mask, write_probabilities
@@ -79,13 +79,16 @@ def segment_volume(
     progress: bool | ProgressCallback = False,
     timer: StageTimer | None = None,
     keep_probabilities: bool = False,
+    prepared: PreparedInput | None = None,
 ) -> Segmentation:
-    """Segment an in-memory volume; the labels have exactly ``volume``'s shape and affine."""
+    """Segment an in-memory volume; the labels have exactly ``volume``'s shape and affine. ``prepared``: the
+    model-space input already made of ``volume`` (by :func:`~pipelines.preprocessing.prepare`)."""
     timer = timer or StageTimer()
     manifest = predictor.manifest
     warnings: list[str] = []
-    with timer.stage("preprocess"):
-        prepared = prepare(volume, manifest.preprocessing)
+    if prepared is None:
+        with timer.stage("preprocess"):
+            prepared = prepare(volume, manifest.preprocessing)
     with timer.stage("predict"):
         windows = _window_progress(progress) if callable(progress) else progress
         # labels only: the probabilities go back to the source grid slab by slab as the engine finishes them,
@@ -232,6 +235,7 @@ class CaseRun:
     timer: StageTimer
     report: dict[str, Any]
     case_volume: CaseVolume | None = None
+    prepared: PreparedInput | None = None
     formats: frozenset[str] = frozenset()
     result: Segmentation | None = None
     error: TesseraError | None = None
@@ -239,8 +243,9 @@ class CaseRun:
 
 @dataclass
 class CaseJob:
-    """How the cases of one run are segmented: read, compute (prepare, predict, back to the source grid,
-    postprocess) and write, as three calls so that a batch can overlap them (:func:`segment_cases`)."""
+    """How the cases of one run are segmented: read (and prepare the model input), compute (predict, back to
+    the source grid) and write (keep-largest-component, outputs), as three calls so that a batch can overlap
+    them (:func:`segment_cases`)."""
 
     output_root: Path
     predictor: Predictor
@@ -251,7 +256,8 @@ class CaseJob:
     outputs: OutputOptions | None = None
 
     def read(self, case: CaseInput) -> CaseRun | CaseResult:
-        """The skip check, a fresh staging folder and the read stage (its error kept for :meth:`write`)."""
+        """The skip check, a fresh staging folder, the read and preprocess stages (an error kept for
+        :meth:`write`)."""
         case_dir = self.output_root / case.case_id
         if not self.overwrite and is_finished(case_dir):
             return CaseResult(case.case_id, "skipped", case_dir)
@@ -273,17 +279,21 @@ class CaseJob:
                 raise OutputError("SEG_NEEDS_DICOM", f"{' and '.join(needs_dicom)} reference the source DICOM series; "
                                                      "this case's input is NIfTI (drop them from --format, or use "
                                                      "export-seg)")
+            with run.timer.stage("preprocess"):  # on the reading side: a batch overlaps it with a prediction
+                run.prepared = prepare(run.case_volume.volume, self.predictor.manifest.preprocessing)
         return run
 
     def compute(self, run: CaseRun) -> None:
-        """Prepare, predict, back to the source grid, postprocess (nothing when the read failed)."""
+        """Predict and back to the source grid (nothing when the read failed)."""
         if run.error is not None or run.case_volume is None:
             return
         with _case_errors(run):
             fractional = (self.outputs or OutputOptions()).seg_type == "fractional" and "dicom-seg" in run.formats
-            run.result = segment_volume(run.case_volume.volume, self.predictor, keep_largest=self.keep_largest,
+            run.result = segment_volume(run.case_volume.volume, self.predictor, keep_largest=False,
                                         progress=self.progress, timer=run.timer,
-                                        keep_probabilities="probabilities" in run.formats or fractional)
+                                        keep_probabilities="probabilities" in run.formats or fractional,
+                                        prepared=run.prepared)
+            run.prepared = None
             run.result.warnings[:0] = run.case_volume.warnings
             if self.predictor.last_plan is not None:
                 run.report["settings"]["stitch_plan"] = asdict(self.predictor.last_plan)
@@ -291,10 +301,15 @@ class CaseJob:
                 run.report["settings"]["network_runtime"] = self.predictor.last_runtime
 
     def write(self, run: CaseRun) -> CaseResult:
-        """The outputs and the report into the staging folder, renamed into place; the case's result."""
+        """Keep-largest-component, the outputs and the report into the staging folder, renamed into place; the
+        case's result."""
         if run.error is None and run.result is not None and run.case_volume is not None:
             with _case_errors(run):
                 result = run.result
+                kept = self.predictor.manifest.keep_largest_component
+                if self.keep_largest and kept:  # on the writing side: a batch overlaps it with a prediction
+                    with run.timer.stage("postprocess"):
+                        result.labels = keep_largest_components(result.labels, kept)
                 with run.timer.stage("write"):
                     written = _write_outputs(result, run.case_volume, self.predictor, self.outputs or OutputOptions(),
                                              run.formats, run.staging)
@@ -435,5 +450,9 @@ def _geometry(result: Segmentation) -> dict[str, Any]:
 
 
 def _label_voxels(labels: np.ndarray, names: dict[int, str]) -> dict[str, int]:
-    counts = np.bincount(labels.ravel(), minlength=max(names) + 1)
+    size = max(names) + 1
+    if labels.dtype == np.uint8:  # torch counts uint8 as it is; numpy's bincount first copies into 64-bit integers
+        counts = torch.bincount(torch.from_numpy(labels).reshape(-1), minlength=size).numpy()
+    else:
+        counts = np.bincount(labels.ravel(), minlength=size)
     return {name: int(counts[value]) for value, name in sorted(names.items())}
