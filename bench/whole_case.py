@@ -114,18 +114,20 @@ def monai_case(case: Path, out: Path, device: str, keep_largest: bool) -> None:
         applied = list(predictor.manifest.keep_largest_component)
         labels = np.asarray(KeepLargestConnectedComponent(applied_labels=applied, independent=True, connectivity=3)(
             torch.as_tensor(labels[None].astype(np.int32)))[0]).astype(np.uint8)
-    source = nib.load(case)
+    source: Any = nib.load(case)
     SaveImage(output_dir=str(out), output_postfix="seg", separate_folder=False, print_log=False, dtype=np.uint8)(
         torch.as_tensor(labels[None]), meta_data={"affine": source.affine, "original_affine": source.affine,
                                                    "filename_or_obj": str(case)})
 
 
 def labels_of(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(path).dataobj)
+    image: Any = nib.load(path)
+    return np.asarray(image.dataobj)
 
 
 def compare_case(case: Path, work: Path, device: str, repeats: int) -> dict[str, Any]:
-    shape = nib.load(case).shape
+    image: Any = nib.load(case)
+    shape = image.shape
     row: dict[str, Any] = {"shape": list(shape), "voxels": int(np.prod(shape))}
     pairs = {}
     for keep in (True, False):
@@ -200,7 +202,7 @@ def main() -> None:
             with ProcessPoolExecutor(os.cpu_count()) as pool:  # generating a phantom takes a minute
                 list(pool.map(write_case, [folder] * args.folder, range(BASE_SEED, BASE_SEED + args.folder),
                               [1.0] * args.folder))
-            runs = {}
+            runs: dict[str, Any] = {}
             for mode, extra in (("sequential", ("--no-overlap",)), ("overlapped", ())):
                 runs[mode] = tessera(folder, work / f"out_{mode}", args.device, True, extra, args.repeats)
             runs["throughput_ratio"] = round(runs["sequential"]["wall_s"] / runs["overlapped"]["wall_s"], 3)
