@@ -73,11 +73,11 @@ class GridMapping:
     def slab_labels(self, classes: int, device: torch.device) -> SlabLabels | None:
         """A consumer of model-space scores slab by slab that labels the oriented source grid
         (:class:`pipelines.labels_back.SlabLabels`), or None where the grids are not axis-aligned (or need no
-        resampling, or the classes leave no spare uint8 value)."""
+        resampling, or the classes do not fit uint8 labels)."""
         from pipelines.labels_back import SlabLabels, axis_aligned_map
 
         aligned = axis_aligned_map(self.model_affine, self.oriented_affine) if self.resampled else None
-        if aligned is None or classes >= 255:
+        if aligned is None or classes > 256:
             return None
         return SlabLabels(aligned, self.model_shape, self.oriented_shape, device)
 

@@ -107,8 +107,8 @@ def segment_volume(
         elif keep_probabilities:
             on_source = prepared.mapping.to_source(probabilities)
             labels = labels_from_probabilities(on_source, manifest.num_classes)
-        else:  # a few classes at a time: 100+ class models stay within memory on big source grids
-            labels = prepared.mapping.labels_to_source(probabilities.to(predictor.device)).numpy()
+        else:  # grids not axis-aligned: a few classes at a time, 100+ class models stay within memory
+            labels = prepared.mapping.labels_to_source(probabilities, by_cells=False).numpy()
             labels = labels.astype(label_array_dtype(manifest.num_classes))
             on_source = None
         maps = {name: prepared.mapping.to_source(values).numpy().astype(np.float32)
@@ -184,13 +184,8 @@ def segment_case(
     (``True``) or a callback told each stage and the fraction of windows done; when the callback raises
     :class:`~pipelines.errors.Interrupted` the case stops there, nothing is written.
     """
-    job = CaseJob(output_root, predictor, keep_largest=keep_largest, overwrite=overwrite, progress=progress,
-                  read_options=read_options, outputs=outputs)
-    run = job.read(case)
-    if isinstance(run, CaseResult):
-        return run
-    job.compute(run)
-    return job.write(run)
+    return CaseJob(output_root, predictor, keep_largest=keep_largest, overwrite=overwrite, progress=progress,
+                   read_options=read_options, outputs=outputs).run(case)
 
 
 def segment_cases(cases: Sequence[CaseInput], job: CaseJob, *, overlap: bool = True) -> Iterator[CaseResult]:
@@ -199,12 +194,7 @@ def segment_cases(cases: Sequence[CaseInput], job: CaseJob, *, overlap: bool = T
     writing are mostly zlib and numpy, which let go of the GIL): at most three cases in memory, one ahead and one
     behind. A case that fails, fails alone, as in the sequential loop."""
     if not overlap:
-        for case in cases:
-            run = job.read(case)
-            if not isinstance(run, CaseResult):
-                job.compute(run)
-                run = job.write(run)
-            yield run
+        yield from (job.run(case) for case in cases)
         return
     with ThreadPoolExecutor(1, thread_name_prefix="tessera-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="tessera-write") as writer:
@@ -254,6 +244,14 @@ class CaseJob:
     progress: bool | ProgressCallback = False
     read_options: ReadOptions | None = None
     outputs: OutputOptions | None = None
+
+    def run(self, case: CaseInput) -> CaseResult:
+        """One case, its three stages one after the other."""
+        run = self.read(case)
+        if isinstance(run, CaseResult):
+            return run
+        self.compute(run)
+        return self.write(run)
 
     def read(self, case: CaseInput) -> CaseRun | CaseResult:
         """The skip check, a fresh staging folder, the read and preprocess stages (an error kept for
