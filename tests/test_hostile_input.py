@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import RLELossless
 
 from pipelines.errors import InputError
 from pipelines.ingestion.dicom.reader import read_study
@@ -105,16 +106,40 @@ def _series(tmp_path: Path, name: str = "series") -> Path:
     return folder
 
 
+BOMB = b"\0" * 128 + b"DICM" + b"\0" * (8 * 2**20)  # starts as DICOM does, then 8 MiB of zeros
+
+
 def test_a_dcm_gz_that_inflates_past_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TESSERA_MAX_DECOMPRESSED_BYTES", str(2**20))
     study = tmp_path / "bomb"
     study.mkdir()
-    (study / "image.dcm.gz").write_bytes(gzip.compress(b"\0" * (8 * 2**20)))
+    (study / "image.dcm.gz").write_bytes(gzip.compress(BOMB))
     assert _code(lambda: read_study(study)) == "DECOMPRESSED_TOO_LARGE"
     archive = tmp_path / "bomb.zip"
     with zipfile.ZipFile(archive, "w") as out:  # nested compression: the zip's own size check sees 8 KiB
-        out.writestr("study/image.dcm.gz", gzip.compress(b"\0" * (8 * 2**20)))
+        out.writestr("study/image.dcm.gz", gzip.compress(BOMB))
     assert _code(lambda: read_study(archive)) == "DECOMPRESSED_TOO_LARGE"
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(plain, "w", zipfile.ZIP_DEFLATED) as out:  # one member declaring 8 MiB
+        out.writestr("study/image.dcm", BOMB)
+    assert _code(lambda: read_study(plain)) == "DECOMPRESSED_TOO_LARGE"
+
+
+def test_a_bomb_that_is_not_dicom_is_given_up_after_its_first_bytes(tmp_path: Path) -> None:
+    from pipelines.ingestion.dicom.sources import DicomFile
+    from pipelines.limits import inflate_capped
+
+    zeros = gzip.compress(b"\0" * (64 * 2**20))
+    (tmp_path / "zeros.dcm.gz").write_bytes(zeros)
+    with (tmp_path / "zeros.dcm.gz").open("rb") as handle:
+        assert len(inflate_capped(handle, "zeros", marker=(128, b"DICM")).getvalue()) <= 2**20
+    archive = tmp_path / "zeros.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        out.writestr("a.dcm", b"\0" * (64 * 2**20))
+    member = DicomFile("a.dcm", archive, member="a.dcm")
+    with member.open() as handle:
+        assert len(handle.read()) == 132  # read no further than where 'DICM' should be
+    assert _code(lambda: read_study(archive)) == "NO_DICOM_IMAGES"
 
 
 def test_a_corrupt_gzip_member_is_skipped_beside_good_images(tmp_path: Path) -> None:
@@ -329,3 +354,63 @@ def test_the_read_stage_answers_a_timeout_or_cancel(tmp_path: Path, files: int) 
     with pytest.raises(Interrupted), stage_progress(stop_when_started):
         read_study(folder)
     assert seen[0] == 0.0 and 0 < seen[-1] < 1
+
+
+@pytest.mark.parametrize("compressed", [False, True])  # uncompressed slices read in place; compressed ones decoded
+def test_decoding_the_pixels_reports_progress_and_answers_a_cancel(tmp_path: Path, compressed: bool) -> None:
+    from pipelines.errors import Interrupted
+    from pipelines.ingestion.dicom.reader import load_volume
+    from pipelines.phantom_dicom import write_ct_series
+    from pipelines.processes import stage_progress
+
+    folder = tmp_path / "series"
+    write_ct_series(np.arange(8 * 8 * 48, dtype=np.int16).reshape(8, 8, 48), np.diag([2.0, 2.0, 3.0, 1.0]), folder,
+                    **({"transfer_syntax": RLELossless} if compressed else {}))
+    candidate = read_study(folder).volumes[0]
+    seen: list[float] = []
+    with stage_progress(seen.append):
+        load_volume(candidate)
+    assert seen and all(0.5 <= f < 1 for f in seen)  # the second half of the read stage, after the headers
+    assert len(seen) == 3  # every 16 of 48 slices
+
+    def stop_when_decoding(fraction: float) -> None:
+        if fraction > 0.5:
+            raise Interrupted("cancelled")
+
+    with pytest.raises(Interrupted), stage_progress(stop_when_decoding):
+        load_volume(candidate)
+
+
+def _zeros_nifti_gz(path: Path, shape: tuple[int, int, int]) -> Path:
+    """A valid NIfTI of zeros, gzipped in pieces: a few hundred KiB that inflate to ``shape`` x 2 bytes."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape(shape)
+    header.set_qform(np.diag([0.6, 0.6, 0.6, 1.0]), 1)
+    with gzip.open(path, "wb", compresslevel=9) as out:
+        out.write(header.binaryblock + b"\0" * 4)
+        for _ in range(shape[2]):
+            out.write(b"\0" * (shape[0] * shape[1] * 2))
+    return path
+
+
+def test_a_nifti_gz_of_zeros_within_the_voxel_limit_is_refused_by_its_inflation_ratio(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _zeros_nifti_gz(tmp_path / "zeros.nii.gz", (256, 256, 600))  # 75 MiB from ~80 KiB
+    assert path.stat().st_size < 2**20
+    with pytest.raises(InputError) as caught:
+        read_nifti(path)
+    assert caught.value.code == "DECOMPRESSED_TOO_LARGE" and "TESSERA_MAX_INFLATE_RATIO" in caught.value.message
+    monkeypatch.setenv("TESSERA_MAX_INFLATE_RATIO", str(10**6))  # the limit is a setting
+    assert read_nifti(path).spatial_shape == (256, 256, 600)
+
+
+def test_the_inflation_ratio_stops_a_gzip_and_a_zip_member_of_dicom_shaped_zeros(tmp_path: Path) -> None:
+    bomb = b"\0" * 128 + b"DICM" + b"\0" * (80 * 2**20)  # under the 2 GiB limit, 1000 fold
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "image.dcm.gz").write_bytes(gzip.compress(bomb))
+    assert _code(lambda: read_study(tmp_path / "gz")) == "DECOMPRESSED_TOO_LARGE"
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        out.writestr("study/image.dcm", bomb)
+    assert _code(lambda: read_study(archive)) == "DECOMPRESSED_TOO_LARGE"

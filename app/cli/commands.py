@@ -228,6 +228,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.service.app import create_app
+    from app.service.http import with_header_timeout
     from app.service.logs import configure_service_logging
     from app.service.settings import load_settings
 
@@ -239,7 +240,7 @@ def serve(args: argparse.Namespace) -> int:
     app.state.tessera.lock_data_dir()  # a second server on the same data is a usage error, before uvicorn starts
     log.info("Tessera service on http://%s:%d (docs at /docs)", settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=True,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, http=with_header_timeout(settings.header_timeout_s))
     return 0
 
 

@@ -4,8 +4,9 @@ One process per slot (by default one per GPU, else one). A worker claims the old
 SQLite store, runs it with a progress callback that records stage and progress, and stops the job at the
 next window when it is cancelled, times out or the server shuts down. The server's monitor thread
 restarts a worker that died (its job re-runs, up to ``max_attempts``) and kills one that ignores a
-timeout or a cancel. Workers die with the server (``PR_SET_PDEATHSIG``), so after a ``kill -9`` nothing
-runs on; the next start re-queues what was running.
+timeout or a cancel, or whose job holds more memory than ``max_worker_memory_bytes`` (the job fails).
+Workers die with the server (``PR_SET_PDEATHSIG``), so after a ``kill -9`` nothing runs on; the next start
+re-queues what was running.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.jobs.store import Job, JobStore
 from pipelines.errors import Interrupted, TesseraError
-from pipelines.processes import die_with_parent
+from pipelines.processes import die_with_parent, physical_memory_bytes, tree_resident_bytes
 
 if TYPE_CHECKING:
     from app.service.settings import ServiceSettings
@@ -232,6 +233,7 @@ class WorkerPool:
         self.settings, self.store = settings, store
         self.context = multiprocessing.get_context("spawn")
         self.slots = default_concurrency(settings)
+        self.memory_limit = settings.max_worker_memory_bytes or int(0.8 * physical_memory_bytes() / self.slots)
         self.processes: dict[int, BaseProcess] = {}
         self._cancel_seen: dict[str, float] = {}
         self._stopping = threading.Event()
@@ -313,7 +315,14 @@ class WorkerPool:
                 continue
             if job is None:
                 continue
-            if job.started_at and now - job.started_at > self.settings.job_timeout_s + self.settings.cancel_grace_s:
+            used = tree_resident_bytes(process.pid) if process.pid else 0
+            if used > self.memory_limit:
+                log.error("job %s: worker %d used %.2f GiB (limit %.2f GiB); killed", job.id, slot, used / 2**30,
+                          self.memory_limit / 2**30)
+                self._restart_after(slot, job, "failed", "JOB_MEMORY_EXCEEDED",
+                                    f"the job needed more than {self.memory_limit / 2**30:.2f} GiB of memory "
+                                    "(max_worker_memory_bytes)")
+            elif job.started_at and now - job.started_at > self.settings.job_timeout_s + self.settings.cancel_grace_s:
                 log.error("job %s: worker %d ignored the timeout; killed", job.id, slot)
                 self._restart_after(slot, job, "failed", "JOB_TIMEOUT",
                                     f"stopped after {self.settings.job_timeout_s:g} s (job_timeout_s)")
@@ -332,7 +341,7 @@ class WorkerPool:
         if job.cancel_requested:
             self.store.finish(job.id, "cancelled")
         elif job.attempts >= self.settings.max_attempts:
-            self.store.finish(job.id, "failed", error_code="WORKER_CRASHED",
+            self.store.finish(job.id, "failed", error_code="JOB_CRASHED",
                               error_message=f"the worker died {job.attempts} times running this job")
         else:
             self.store.requeue(job.id)

@@ -34,7 +34,7 @@ from app.service import schemas
 from app.service.problems import (
     HeadAsGet,
     ProblemError,
-    UploadLimit,
+    RequestBodyLimits,
     install_problem_handlers,
     problem_response,
     problem_responses,
@@ -393,7 +393,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(RequestBodyLimits, limit=settings.max_upload_bytes,
+                       idle_timeout_s=settings.body_idle_timeout_s, min_rate=settings.min_upload_rate)
     app.add_middleware(HeadAsGet)
 
     @app.get("/healthz", response_model=schemas.Health, response_model_exclude_none=True,

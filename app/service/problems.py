@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from http import HTTPStatus
 from typing import Any
 
@@ -156,16 +158,20 @@ class HeadAsGet:
         await self.app({**scope, "method": "GET"}, receive, without_body)
 
 
-class _BodyTooLargeError(Exception):
-    pass
+class _BodyRefusedError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(code)
+        self.status, self.code, self.detail = status, code, detail
 
 
-class UploadLimit:
-    """Answers 413 when a request body is over ``limit`` bytes: at once from Content-Length, else as soon as the
-    streamed body passes the limit (nothing past it is read or stored)."""
+class RequestBodyLimits:
+    """Bounds what one request body may cost: 413 when it is over ``limit`` bytes (at once from Content-Length,
+    else as soon as the streamed body passes it: nothing past it is read or stored), 408 when it stalls for
+    ``idle_timeout_s`` or averages under ``min_rate`` bytes/s after its first ``idle_timeout_s`` (a slow client
+    holds a connection for a bounded time, whatever it sends)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, idle_timeout_s: float = 30.0, min_rate: int = 0) -> None:
+        self.app, self.limit, self.idle_timeout_s, self.min_rate = app, limit, idle_timeout_s, min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -173,18 +179,29 @@ class UploadLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._too_large(scope, receive, send)
+            await self._refuse(scope, receive, send, self._too_large())
             return
         seen = 0
         started = False
+        began = time.monotonic()
 
-        async def counting_receive() -> Message:
+        async def bounded_receive() -> Message:
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout_s)
+            except TimeoutError:
+                raise _BodyRefusedError(408, "REQUEST_TIMEOUT", f"the request body stalled for "
+                                        f"{self.idle_timeout_s:g} s (body_idle_timeout_s)") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLargeError
+                    raise self._too_large()
+                elapsed = time.monotonic() - began
+                if message.get("more_body") and self.min_rate and elapsed > self.idle_timeout_s \
+                        and seen < self.min_rate * elapsed:
+                    raise _BodyRefusedError(408, "REQUEST_TIMEOUT", f"the request body arrives at "
+                                            f"{seen / elapsed:.0f} bytes/s, under the {self.min_rate} bytes/s "
+                                            "the service needs (min_upload_rate)")
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -193,13 +210,19 @@ class UploadLimit:
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLargeError:
+            await self.app(scope, bounded_receive, tracking_send)
+        except _BodyRefusedError as refused:
+            if refused.status == 408:
+                log.info("%s %s: %s", scope.get("method"), scope.get("path"), refused.detail)
             if not started:
-                await self._too_large(scope, receive, send)
+                await self._refuse(scope, receive, send, refused)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_response(413, "UPLOAD_TOO_LARGE",
-                                    f"request body over the limit of {self.limit / 1024**2:.0f} MiB (max_upload_bytes)",
-                                    scope.get("path"), headers={"Connection": "close"})
+    def _too_large(self) -> _BodyRefusedError:
+        return _BodyRefusedError(413, "UPLOAD_TOO_LARGE",
+                                 f"request body over the limit of {self.limit / 1024**2:.0f} MiB (max_upload_bytes)")
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, refused: _BodyRefusedError) -> None:
+        response = problem_response(refused.status, refused.code, refused.detail, scope.get("path"),
+                                    headers={"Connection": "close"})
         await response(scope, receive, send)

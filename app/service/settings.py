@@ -42,6 +42,16 @@ class ServiceSettings(BaseSettings):
     job_timeout_s: float = Field(default=3600.0, gt=0, description="a running job is stopped after this long")
     max_attempts: int = Field(default=3, ge=1, description="runs of a job interrupted by crashes before it is failed")
     max_upload_bytes: int = Field(default=2 * GiB, ge=1, description="request bodies above this get 413")
+    header_timeout_s: float = Field(default=10.0, gt=0,
+                                    description="a connection that has not sent a whole request head is closed")
+    body_idle_timeout_s: float = Field(default=30.0, gt=0,
+                                       description="a request body that stalls this long gets 408")
+    min_upload_rate: int = Field(default=16 * 1024, ge=0,
+                                 description="bytes/s a request body must average after its first "
+                                             "body_idle_timeout_s (0: no minimum), else 408")
+    max_worker_memory_bytes: int | None = Field(
+        default=None, ge=1, description="resident memory of a worker and its children while it runs a job; over "
+                                        "it the job fails (JOB_MEMORY_EXCEEDED); default 80% of RAM per worker")
     max_files: int = Field(default=8, ge=1, description="file parts per upload (multi-channel models)")
     zip_max_members: int = Field(default=20_000, ge=1)
     zip_max_bytes: int = Field(default=8 * GiB, ge=1, description="uncompressed size limit of an uploaded zip")
@@ -55,6 +65,9 @@ class ServiceSettings(BaseSettings):
     max_decompressed_bytes: int = Field(default=InputLimits.max_decompressed_bytes, ge=1,
                                         description="bytes one gzip stream or zip member may inflate to")
     max_frames: int = Field(default=InputLimits.max_frames, ge=1, description="frames one DICOM file may declare")
+    max_inflate_ratio: int = Field(default=InputLimits.max_inflate_ratio, ge=1,
+                                   description="inflated / compressed bytes of one gzip stream or zip member, "
+                                               "checked past 64 MiB inflated")
 
     @model_validator(mode="after")
     def _auth_only_off_on_loopback(self) -> ServiceSettings:

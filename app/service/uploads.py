@@ -74,7 +74,7 @@ def store_upload(source: BinaryIO, folder: Path, index: int, zip_max_members: in
         check_zip_archive(staging, zip_max_members, zip_max_bytes)
         name = f"study_{index:04d}.zip"
     elif kind == "nifti":
-        _check_nifti_header(head)
+        _check_nifti_header(head, staging.stat().st_size if gzipped else None)
         name = f"image_{index:04d}.nii" + (".gz" if gzipped else "")
     else:
         name = f"image_{index:04d}.dcm" + (".gz" if gzipped else "")
@@ -82,7 +82,7 @@ def store_upload(source: BinaryIO, folder: Path, index: int, zip_max_members: in
     return StoredUpload(kind, name)
 
 
-def _check_nifti_header(head: bytes) -> None:
+def _check_nifti_header(head: bytes, compressed_bytes: int | None) -> None:
     """The header (already read to recognise the file) parses and describes a 3-D volume."""
     import nibabel as nib
 
@@ -95,4 +95,4 @@ def _check_nifti_header(head: bytes) -> None:
         raise InputError("NIFTI_UNREADABLE", f"the NIfTI header could not be read ({type(exc).__name__})") from None
     if len(shape) < 3 or min(shape[:3]) < 1:
         raise InputError("NIFTI_NOT_3D", f"the NIfTI image has shape {tuple(shape)}; a 3-D volume is needed")
-    check_nifti_header(header, "the uploaded NIfTI image")
+    check_nifti_header(header, "the uploaded NIfTI image", compressed_bytes)

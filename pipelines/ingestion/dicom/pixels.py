@@ -25,13 +25,14 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pipelines.errors import InputError
 from pipelines.ingestion.dicom.slices import DicomSlice
 from pipelines.ingestion.dicom.sources import DicomFile, read_dataset
-from pipelines.processes import forked_pool
+from pipelines.processes import forked_pool, mapped
 
 log = logging.getLogger(__name__)
 
 _NATIVE = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}
 _PIXEL_TAG = b"\xe0\x7f\x10\x00"
 PROCESS_POOL_MIN_FILES = 16
+DECODE_SPAN = (0.5, 1.0)  # of the read stage's progress, after the headers
 
 
 def _decode_with_pydicom(source: DicomFile) -> np.ndarray:
@@ -133,11 +134,12 @@ def _decode_all(files: list[DicomFile], firsts: list[DicomSlice]) -> list[np.nda
         # Decoders hold the GIL: use processes. Slices stay here; workers get only the file to decode.
         try:
             with forked_pool(workers) as pool:
-                return list(pool.map(_decode_with_pydicom, files, chunksize=max(1, len(files) // (workers * 4))))
+                return mapped(pool, _decode_with_pydicom, files, total=len(files), span=DECODE_SPAN,
+                              chunksize=max(1, len(files) // (workers * 4)))
         except BrokenProcessPool as exc:  # a decoder crashed outright: this case fails, the process lives on
             raise InputError("PIXEL_DATA_CORRUPT", "a decoder crashed on this series' compressed pixel data") from exc
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        return list(pool.map(_decode_file, files, firsts))
+        return mapped(pool, _decode_file, files, firsts, total=len(files), span=DECODE_SPAN)
 
 
 # What forked decoder processes write into: set just before the pool forks, read by the children.
@@ -165,7 +167,8 @@ def _decode_compressed_in_processes(slices: list[DicomSlice], workers: int) -> n
     _SHARED_TARGET = (stack, slices)
     try:
         with forked_pool(workers) as pool:
-            list(pool.map(_decode_into_shared, range(len(slices)), chunksize=max(1, len(slices) // (workers * 4))))
+            mapped(pool, _decode_into_shared, range(len(slices)), total=len(slices), span=DECODE_SPAN,
+                   chunksize=max(1, len(slices) // (workers * 4)))
     except BrokenProcessPool as exc:  # a decoder crashed outright: this case fails, the process lives on
         raise InputError("PIXEL_DATA_CORRUPT", "a decoder crashed on this series' compressed pixel data") from exc
     finally:
@@ -184,7 +187,7 @@ def decode_volume(slices: list[DicomSlice]) -> np.ndarray:
     if direct is not None:
         stored = np.empty((len(slices), first.rows, first.columns), dtype=direct)
         with ThreadPoolExecutor(max_workers=min(len(slices), os.cpu_count() or 1, 8)) as pool:
-            list(pool.map(_read_native_into, slices, stored))
+            mapped(pool, _read_native_into, slices, stored, total=len(slices), span=DECODE_SPAN)
         return _rescale(stored, slices).transpose(2, 1, 0)
     workers = min(len(slices), os.cpu_count() or 1, 8)
     one_frame_per_file = len({s.source for s in slices}) == len(slices) and all(

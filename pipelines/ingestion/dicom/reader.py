@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from pipelines.ingestion.dicom.slices import DicomSlice, slices_from_header
 from pipelines.ingestion.dicom.sources import DicomFile, iter_sources, looks_like_dicom, read_header
 from pipelines.ingestion.suv import suv_inputs_from_dataset, suvbw_factors
 from pipelines.limits import check_voxels
-from pipelines.processes import forked_pool, report_progress
+from pipelines.processes import collected, forked_pool, mapped
 from pipelines.volume import Volume, VolumeMetadata
 
 log = logging.getLogger(__name__)
@@ -93,6 +92,7 @@ def read_study(path: str | Path, *, tilt: str = "refuse", min_slices: int = 3) -
 
 
 PARALLEL_HEADERS_MIN_FILES = 64
+HEADERS_SPAN = (0.0, 0.5)  # of the read stage's progress; decoding pixels is the rest
 
 
 SlicesOfFile = tuple[str, list[DicomSlice] | None, InputError | None]
@@ -115,30 +115,15 @@ def _slices_of_light(source: DicomFile) -> SlicesOfFile:
 
 
 def _read_slices(sources: list[DicomFile]) -> list[SlicesOfFile]:
-    """Headers to slices; a large study is read by forked workers that send back light slices (parsing and
-    attribute access are GIL-bound, and pydicom headers are slower to unpickle than to parse)."""
+    """Headers to slices (the first half of the read stage's progress); a large study is read by forked workers
+    that send back light slices (parsing and attribute access are GIL-bound, and pydicom headers are slower to
+    unpickle than to parse)."""
     workers = min(os.cpu_count() or 1, 8)
     if len(sources) < PARALLEL_HEADERS_MIN_FILES or workers < 2:
-        return _collected(map(_slices_of, sources), len(sources))
-    chunk = max(1, len(sources) // (workers * 4))
-    pool = forked_pool(workers)
-    try:
-        results = _collected(pool.map(_slices_of_light, sources, chunksize=chunk), len(sources))
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)  # interrupted: do not wait for the rest of the study
-        raise
-    pool.shutdown()
-    return results
-
-
-def _collected(results: Iterator[SlicesOfFile], total: int) -> list[SlicesOfFile]:
-    """The files' slices as they come, with progress every 16 files (a cancelled or timed-out job stops there)."""
-    collected = []
-    for index, result in enumerate(results):
-        if index % 16 == 0:
-            report_progress(index / max(total, 1))
-        collected.append(result)
-    return collected
+        return collected(map(_slices_of, sources), len(sources), HEADERS_SPAN)
+    with forked_pool(workers) as pool:
+        return mapped(pool, _slices_of_light, sources, total=len(sources), span=HEADERS_SPAN,
+                      chunksize=max(1, len(sources) // (workers * 4)))
 
 
 def load_volume(candidate: VolumeCandidate, case_id: str | None = None) -> Volume:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import stat
 import struct
 import zipfile
@@ -14,12 +15,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from pipelines.errors import InputError
-from pipelines.limits import inflate_capped
+from pipelines.limits import check_inflation, inflate_capped
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class DicomFile:
             return self.path.open("rb")
         if self.member is None:
             with self.path.open("rb") as handle:
-                return io.BytesIO(inflate_capped(handle, self.safe_name))
+                return inflate_capped(handle, self.safe_name, marker=DICOM_MARKER)
         try:
             archive = _archive(self.path)
             info = archive.getinfo(self.member)
@@ -65,11 +67,28 @@ class DicomFile:
                                                                 "do not support")
             with archive.open(info) as handle:
                 if self.gzipped:
-                    return io.BytesIO(inflate_capped(handle, self.safe_name))  # type: ignore[arg-type]
-                return io.BytesIO(handle.read())  # bounded: check_zip_archive capped the declared sizes
+                    return inflate_capped(handle, self.safe_name, marker=DICOM_MARKER)  # type: ignore[arg-type]
+                return _member_bytes(handle, info, self.safe_name)  # type: ignore[arg-type]
         except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError, EOFError,
                 zlib.error, ValueError) as exc:
             raise InputError("ZIP_CORRUPT", f"a member of {self.path.name} cannot be read ({_reason(exc)})") from None
+
+
+DICOM_MARKER = (128, b"DICM")  # after the preamble; pydicom (not forced) reads no file without it
+
+
+def _member_bytes(handle: BinaryIO, info: zipfile.ZipInfo, name: str) -> io.BytesIO:
+    """A zip member in memory: refused past the decompression limits by its declared sizes (``zipfile`` never
+    inflates past them), and only its first bytes when they are not DICOM's."""
+    check_inflation(info.file_size, info.compress_size if info.compress_type else info.file_size, name)
+    out = io.BytesIO()
+    offset, marker = DICOM_MARKER
+    head = handle.read(offset + len(marker))
+    out.write(head)
+    if head[offset:] == marker:
+        shutil.copyfileobj(handle, out, 2**20)
+    out.seek(0)
+    return out
 
 
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
