@@ -186,3 +186,19 @@ def test_one_server_per_data_directory(tmp_path: Path) -> None:
     holder.lock_data_dir()
     run = run_tessera("serve", "--data-dir", str(tmp_path / "data"), "--port", "0")
     assert run.returncode == 2 and "DATA_DIR_IN_USE" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_job_read_ahead_is_charged_an_attempt_only_once_it_is_predicted(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "db.sqlite3")
+    for name in "ab":
+        store.add_job(_job(name * 32, created=ord(name)), max_queued=10)
+    predicted = store.claim_next(worker=0)
+    ahead = store.claim_next(worker=0, count_attempt=False)
+    assert predicted is not None and ahead is not None and (predicted.attempts, ahead.attempts) == (1, 0)
+    assert store.get("b" * 32).state == "running"  # type: ignore[union-attr]
+    store.recover(max_attempts=1)  # the server died: the predicted job has used its one attempt, not the other
+    assert store.get("a" * 32).state == "failed" and store.get("b" * 32).state == "queued"  # type: ignore[union-attr]
+    again = store.claim_next(worker=0, count_attempt=False)
+    assert again is not None
+    store.count_attempt(again.id)
+    assert store.get(again.id).attempts == 1  # type: ignore[union-attr]

@@ -5,6 +5,7 @@ One server for the module; results are compared with the CLI's for the same inpu
 
 from __future__ import annotations
 
+import gzip
 import io
 import shutil
 import stat
@@ -360,8 +361,10 @@ def test_delete_cancels_a_running_job_and_removes_it(server: Server, alice: http
     big = tmp_path / "big.nii.gz"
     nib.save(make_phantom(11, spacing=(1.0, 1.0, 1.0)).image, big)
     running = post_job(alice, big, model="tiny-native").json()["id"]
+    ahead = post_job(alice, big, model="tiny-native").json()["id"]  # read by the worker while `running` predicts
     queued = post_job(alice, big, model="tiny-native").json()["id"]
     wait_for(alice, running, {"running"}, stage="predict")
+    wait_for(alice, ahead, {"running"})
     assert alice.get(f"/v1/jobs/{queued}").json()["queue_position"] == 0
     assert alice.delete(f"/v1/jobs/{queued}").status_code == 204
     _assert_problem(alice.get(f"/v1/jobs/{queued}"), 404, "JOB_NOT_FOUND")
@@ -375,6 +378,25 @@ def test_delete_cancels_a_running_job_and_removes_it(server: Server, alice: http
     assert not folder.exists()
     assert "cancelled" in server.log_tail(200)
     assert not (server.data_dir / "jobs" / queued).exists()
+    assert alice.delete(f"/v1/jobs/{ahead}").status_code == 202  # running too: cancelled, then removed
+    deadline = time.monotonic() + 60
+    while (server.data_dir / "jobs" / ahead).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not (server.data_dir / "jobs" / ahead).exists()
+
+
+def test_a_worker_reads_the_next_job_while_it_predicts_one(alice: httpx.Client, tmp_path: Path) -> None:
+    case = tmp_path / "case.nii.gz"
+    nib.save(make_phantom(12, spacing=(1.5, 1.5, 1.5)).image, case)
+    ids = [post_job(alice, case, model="tiny-native").json()["id"] for _ in range(3)]
+    jobs = [wait_for(alice, job_id) for job_id in ids]
+    assert [job["state"] for job in jobs] == ["succeeded"] * 3
+    for before, after in zip(jobs, jobs[1:], strict=False):  # claimed and read before the one ahead was done
+        assert after["started_at"] < before["finished_at"]
+    masks = [alice.get(f"{job['url']}/artifacts/mask.nii.gz").content for job in jobs]
+    arrays = [np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(m)).dataobj) for m in masks]
+    for array in arrays[1:]:
+        np.testing.assert_array_equal(array, arrays[0])
 
 
 def test_schemathesis_finds_no_server_errors_and_no_schema_violations(server: Server, keys: dict[str, str],

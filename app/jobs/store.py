@@ -228,16 +228,23 @@ class JobStore:
             rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_at", states).fetchall()
         return [Job.from_row(row) for row in rows]
 
-    def claim_next(self, worker: int) -> Job | None:
-        """The oldest queued job, now running on ``worker``; ``None`` when nothing waits."""
+    def claim_next(self, worker: int, *, count_attempt: bool = True) -> Job | None:
+        """The oldest queued job, now running on ``worker``; ``None`` when nothing waits. A job claimed to be read
+        ahead (``count_attempt=False``) has its attempt counted only when its prediction starts
+        (:meth:`count_attempt`): a crash while it only waited is not held against it."""
         with self._transaction() as db:
             row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1").fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state = 'running', worker = ?, started_at = ?, attempts = attempts + 1, "
-                       "stage = 'starting', progress = 0 WHERE id = ?", (worker, time.time(), row["id"]))
+            db.execute("UPDATE jobs SET state = 'running', worker = ?, started_at = ?, attempts = attempts + ?, "
+                       "stage = 'starting', progress = 0 WHERE id = ?",
+                       (worker, time.time(), int(count_attempt), row["id"]))
             claimed = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
         return Job.from_row(claimed)
+
+    def count_attempt(self, job_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ? AND state = 'running'", (job_id,))
 
     def report_progress(self, job_id: str, stage: str, progress: float) -> bool:
         """Record progress; returns whether a cancel has been asked for."""

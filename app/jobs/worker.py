@@ -20,6 +20,9 @@ import signal
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +34,7 @@ from pipelines.processes import die_with_parent, physical_memory_bytes, tree_res
 if TYPE_CHECKING:
     from app.service.settings import ServiceSettings
     from pipelines.inference import Predictor
+    from pipelines.segment import CaseJob, CaseResult, CaseRun
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,16 @@ def default_concurrency(settings: ServiceSettings) -> int:
 # --- the worker process -----------------------------------------------------------------------
 
 
+@dataclass
+class _Reading:
+    """A claimed job whose read stage runs (or ran) on the worker's reading thread."""
+
+    job: Job
+    case_job: CaseJob
+    future: Future[CaseRun | CaseResult]
+    ahead: bool = False  # claimed while another job was predicted: its attempt is counted when it is predicted
+
+
 class _Worker:
     def __init__(self, slot: int, settings: ServiceSettings, stop: threading.Event, parent: int) -> None:
         self.slot, self.settings, self.stop, self.parent = slot, settings, stop, parent
@@ -121,20 +135,104 @@ class _Worker:
         self.ready = True
         self.store.worker_beat(self.slot, os.getpid(), self.device, True)
         log.info("worker %d ready on %s", self.slot, self.device)
-        while not self.stop.is_set():
-            job = self.store.claim_next(self.slot)
-            if job is None:
-                self.stop.wait(0.2)
-                continue
-            self.run(job)
+        with ThreadPoolExecutor(1, thread_name_prefix="tessera-read-ahead") as reader:
+            ahead: _Reading | None = None
+            while not self.stop.is_set():
+                current = ahead or self._start(self.store.claim_next(self.slot), reader)
+                ahead = None
+                if current is None:
+                    self.stop.wait(0.2)
+                    continue
+                run = self._read_result(current)
+                if run is None:
+                    continue
+                if self.settings.read_ahead and not self.stop.is_set():
+                    # the next job is read (and prepared) while this one is predicted: one ahead at most
+                    ahead = self._start(self.store.claim_next(self.slot, count_attempt=False), reader, ahead=True)
+                self._complete(current, run)
+            if ahead is not None and self._read_result(ahead) is not None:
+                self._interrupted(ahead.job, "shutdown")  # read ahead, not run: it runs after the restart
 
     def run(self, job: Job) -> None:
+        """One claimed job, its stages one after the other (no read-ahead)."""
+        with ThreadPoolExecutor(1, thread_name_prefix="tessera-read") as reader:
+            reading = self._start(job, reader)
+            run = self._read_result(reading) if reading is not None else None
+            if reading is not None and run is not None:
+                self._complete(reading, run)
+
+    def _start(self, job: Job | None, reader: ThreadPoolExecutor, ahead: bool = False) -> _Reading | None:
+        """The job's model (loaded here, not on the reading thread), and its read stage begun on ``reader``."""
         from pipelines.cases import CaseInput
         from pipelines.ingestion.reading import ReadOptions
-        from pipelines.segment import OutputOptions, segment_case
+        from pipelines.segment import CaseJob, OutputOptions
 
-        log.info("job %s: started (attempt %d) on worker %d", job.id, job.attempts, self.slot)
+        if job is None:
+            return None
+        log.info("job %s: started (attempt %d) on worker %d%s", job.id, job.attempts + int(ahead), self.slot,
+                 " (read ahead)" if ahead else "")
         folder = job_dir(self.settings, job.id)
+        options = job.options
+        progress = self._progress(job)
+        try:
+            progress("loading_model", 0.0)
+            predictor = self.predictor(job.model).with_sampling(options.get("sampling"))
+        except Interrupted as stop:
+            self._interrupted(job, stop.reason)
+            return None
+        except TesseraError as exc:
+            self._finish(job, "failed", error_code=exc.code, error_message=exc.message)
+            return None
+        outputs = OutputOptions(formats=frozenset(options["formats"]) if options.get("formats") else None,
+                                seg_type=options.get("seg_type", "binary"))
+        case_job = CaseJob(folder / "output", predictor, keep_largest=options.get("keep_largest", True),
+                           overwrite=True, progress=progress, outputs=outputs,
+                           read_options=ReadOptions(series=options.get("series"), tilt=options.get("tilt", "refuse")))
+        case = CaseInput(job.id, tuple(folder / "input" / name for name in job.inputs))
+        return _Reading(job, case_job, reader.submit(case_job.read, case), ahead)
+
+    def _read_result(self, reading: _Reading) -> CaseRun | None:
+        """The job's read stage, waited for; ``None`` when it ended the job (interrupted, or a bug)."""
+        try:
+            run = reading.future.result()
+        except Interrupted as stop:
+            self._interrupted(reading.job, stop.reason)
+            return None
+        except Exception as exc:  # a bug: the job fails with a code, the worker lives on
+            log.error("job %s: internal error while reading (%s)", reading.job.id, type(exc).__name__, exc_info=exc)
+            self._finish(reading.job, "failed", error_code="INTERNAL_ERROR", error_message=type(exc).__name__)
+            return None
+        from pipelines.segment import CaseResult
+
+        assert not isinstance(run, CaseResult)  # overwrite=True: a job is never skipped as finished
+        return run
+
+    def _complete(self, reading: _Reading, run: CaseRun) -> None:
+        """Predict, back to the source grid, write; the job's outcome recorded."""
+        job = reading.job
+        if reading.ahead:
+            self.store.count_attempt(job.id)
+        try:
+            reading.case_job.compute(run)
+            result = reading.case_job.write(run)
+        except Interrupted as stop:
+            self._interrupted(job, stop.reason)
+            return
+        except Exception as exc:  # a bug: the job fails with a code, the worker lives on
+            log.error("job %s: internal error (%s)", job.id, type(exc).__name__, exc_info=exc)
+            self._finish(job, "failed", error_code="INTERNAL_ERROR", error_message=type(exc).__name__)
+            return
+        report = _read_report(result.output_dir)
+        details: dict[str, Any] = {"warnings": report.get("warnings", []), "timings": report.get("timings_s", {})}
+        if result.status == "failed":
+            self._finish(job, "failed", error_code=result.error_code, error_message=result.error_message, **details)
+        else:
+            artifacts = sorted(p.name for p in result.output_dir.iterdir() if p.is_file())
+            self._finish(job, "succeeded", artifacts=artifacts, **details)
+
+    def _progress(self, job: Job) -> Callable[[str, float], None]:
+        """The job's progress callback: records stage and progress, and stops the job (``Interrupted``) when the
+        worker shuts down, the job's time is up or it is cancelled."""
         deadline = time.monotonic() + self.settings.job_timeout_s
         last: dict[str, Any] = {"stage": "", "time": 0.0}
 
@@ -151,33 +249,7 @@ class _Worker:
             if self.store.report_progress(job.id, stage, low + (high - low) * min(max(fraction, 0.0), 1.0)):
                 raise Interrupted("cancelled")
 
-        options = job.options
-        try:
-            progress("loading_model", 0.0)
-            predictor = self.predictor(job.model).with_sampling(options.get("sampling"))
-            case = CaseInput(job.id, tuple(folder / "input" / name for name in job.inputs))
-            outputs = OutputOptions(formats=frozenset(options["formats"]) if options.get("formats") else None,
-                                    seg_type=options.get("seg_type", "binary"))
-            read_options = ReadOptions(series=options.get("series"), tilt=options.get("tilt", "refuse"))
-            result = segment_case(case, folder / "output", predictor, keep_largest=options.get("keep_largest", True),
-                                  overwrite=True, progress=progress, read_options=read_options, outputs=outputs)
-        except Interrupted as stop:
-            self._interrupted(job, stop.reason)
-            return
-        except TesseraError as exc:
-            self._finish(job, "failed", error_code=exc.code, error_message=exc.message)
-            return
-        except Exception as exc:  # a bug: the job fails with a code, the worker lives on
-            log.exception("job %s: internal error", job.id)
-            self._finish(job, "failed", error_code="INTERNAL_ERROR", error_message=type(exc).__name__)
-            return
-        report = _read_report(result.output_dir)
-        details: dict[str, Any] = {"warnings": report.get("warnings", []), "timings": report.get("timings_s", {})}
-        if result.status == "failed":
-            self._finish(job, "failed", error_code=result.error_code, error_message=result.error_message, **details)
-        else:
-            artifacts = sorted(p.name for p in result.output_dir.iterdir() if p.is_file())
-            self._finish(job, "succeeded", artifacts=artifacts, **details)
+        return progress
 
     def _interrupted(self, job: Job, reason: str) -> None:
         if reason == "shutdown":
@@ -304,37 +376,51 @@ class WorkerPool:
         if self._stopping.is_set():
             return
         now = time.time()
-        running = {job.worker: job for job in self.store.jobs_in("running")}
+        running: dict[int, list[Job]] = {}
+        for job in self.store.jobs_in("running"):  # a worker that reads ahead runs two: one predicted, one read
+            if job.worker is not None:
+                running.setdefault(job.worker, []).append(job)
         for slot, process in list(self.processes.items()):
-            job = running.get(slot)
+            jobs = sorted(running.get(slot, []), key=lambda j: j.started_at or 0.0)
             if not process.is_alive():
                 log.error("worker %d died (exit code %s)", slot, process.exitcode)
-                if job is not None:
+                for job in jobs:
                     self._after_crash(job)
                 self._restart(slot)
                 continue
-            if job is None:
+            if not jobs:
                 continue
             used = tree_resident_bytes(process.pid) if process.pid else 0
             if used > self.memory_limit:
-                log.error("job %s: worker %d used %.2f GiB (limit %.2f GiB); killed", job.id, slot, used / 2**30,
-                          self.memory_limit / 2**30)
-                self._restart_after(slot, job, "failed", "JOB_MEMORY_EXCEEDED",
+                log.error("job %s: worker %d used %.2f GiB (limit %.2f GiB); killed", jobs[0].id, slot,
+                          used / 2**30, self.memory_limit / 2**30)
+                self._restart_after(slot, jobs, jobs[0], "failed", "JOB_MEMORY_EXCEEDED",
                                     f"the job needed more than {self.memory_limit / 2**30:.2f} GiB of memory "
                                     "(max_worker_memory_bytes)")
-            elif job.started_at and now - job.started_at > self.settings.job_timeout_s + self.settings.cancel_grace_s:
-                log.error("job %s: worker %d ignored the timeout; killed", job.id, slot)
-                self._restart_after(slot, job, "failed", "JOB_TIMEOUT",
-                                    f"stopped after {self.settings.job_timeout_s:g} s (job_timeout_s)")
-            elif job.cancel_requested:
-                seen = self._cancel_seen.setdefault(job.id, time.monotonic())
-                if time.monotonic() - seen > self.settings.cancel_grace_s:
-                    log.warning("job %s: worker %d ignored the cancel; killed", job.id, slot)
-                    self._restart_after(slot, job, "cancelled", None, None)
+                continue
+            for job in jobs:
+                if job.started_at and now - job.started_at > self.settings.job_timeout_s + self.settings.cancel_grace_s:
+                    log.error("job %s: worker %d ignored the timeout; killed", job.id, slot)
+                    self._restart_after(slot, jobs, job, "failed", "JOB_TIMEOUT",
+                                        f"stopped after {self.settings.job_timeout_s:g} s (job_timeout_s)")
+                    break
+                if job.cancel_requested:
+                    seen = self._cancel_seen.setdefault(job.id, time.monotonic())
+                    if time.monotonic() - seen > self.settings.cancel_grace_s:
+                        log.warning("job %s: worker %d ignored the cancel; killed", job.id, slot)
+                        self._restart_after(slot, jobs, job, "cancelled", None, None)
+                        break
 
-    def _restart_after(self, slot: int, job: Job, state: str, code: str | None, message: str | None) -> None:
+    def _restart_after(self, slot: int, jobs: list[Job], job: Job, state: str, code: str | None,
+                       message: str | None) -> None:
+        """Kill the worker for ``job`` (which ends as ``state``); the other job it held (read ahead) runs again."""
         self._kill(slot)  # first: a killed worker cannot write over the outcome
         self.store.finish(job.id, state, error_code=code, error_message=message)
+        for index, other in enumerate(jobs):  # oldest first: the one predicted, whose attempt was counted
+            if other.id != job.id and other.cancel_requested:
+                self.store.finish(other.id, "cancelled")
+            elif other.id != job.id:
+                self.store.requeue(other.id, count_attempt=index > 0)  # not held against it (ahead: never counted)
         self._restart(slot)
 
     def _after_crash(self, job: Job) -> None:

@@ -40,6 +40,8 @@ class ServiceSettings(BaseSettings):
     concurrency: int | None = Field(default=None, ge=1, description="jobs at once; default one per GPU, else one")
     max_queued_jobs: int = Field(default=32, ge=1, description="queued jobs beyond which uploads get 429")
     job_timeout_s: float = Field(default=3600.0, gt=0, description="a running job is stopped after this long")
+    read_ahead: bool = Field(default=True, description="a worker reads its next job while it predicts the current "
+                                                       "one (two jobs running per worker, one of them reading)")
     max_attempts: int = Field(default=3, ge=1, description="runs of a job interrupted by crashes before it is failed")
     max_upload_bytes: int = Field(default=2 * GiB, ge=1, description="request bodies above this get 413")
     header_timeout_s: float = Field(default=10.0, gt=0,
