@@ -194,7 +194,9 @@ def read_header(source: DicomFile) -> tuple[pydicom.Dataset, int | None] | None:
         with source.open() as handle:
             header = pydicom.dcmread(handle, stop_before_pixels=True)
             offset = handle.tell() if source.member is None and not source.gzipped else None
-            return header, offset
+        if isinstance(handle, io.BytesIO):
+            header.buffer = None  # closed with the inflated bytes: nothing to read or copy from it later
+        return header, offset
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError,
             OverflowError, MemoryError, RecursionError, struct.error, UnicodeError) as exc:
         log.warning("skipping a file: not a readable DICOM file (%s)", type(exc).__name__)
@@ -204,4 +206,7 @@ def read_header(source: DicomFile) -> tuple[pydicom.Dataset, int | None] | None:
 def read_dataset(source: DicomFile) -> pydicom.Dataset:
     """The whole dataset, pixel data included."""
     with source.open() as handle:
-        return pydicom.dcmread(handle)
+        dataset = pydicom.dcmread(handle)
+    if isinstance(handle, io.BytesIO):
+        dataset.buffer = None  # closed with the inflated bytes
+    return dataset
