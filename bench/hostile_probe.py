@@ -42,7 +42,7 @@ from report import emit  # noqa: E402
 
 from pipelines.phantom_dicom import write_phantom_series  # noqa: E402
 from pipelines.phantoms import make_phantom  # noqa: E402
-from pipelines.processes import process_tree, tree_resident_bytes  # noqa: E402
+from pipelines.processes import process_tree, resident_bytes  # noqa: E402
 
 Upload = tuple[str, bytes]
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -206,8 +206,9 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(self.every):
-            self.pids |= set(process_tree(self.root))
-            used = tree_resident_bytes(self.root)
+            tree = process_tree(self.root)  # one look through /proc per sample
+            self.pids |= set(tree)
+            used = sum(resident_bytes(pid) for pid in tree)
             self.peak, self.window = max(self.peak, used), max(self.window, used)
 
     def window_peak(self) -> float:

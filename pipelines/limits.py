@@ -11,7 +11,6 @@ that inflates to a volume within the voxel limit, made of zeros, which no scanne
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import zlib
@@ -81,16 +80,15 @@ def check_inflation(inflated: int, compressed: int, what: str, limits: InputLimi
                                                    "decompression bomb, not an image")
 
 
-def inflate_capped(stream: BinaryIO, what: str, cap: int | None = None, chunk: int = 1 * MiB,
+def inflate_capped(stream: BinaryIO, what: str, chunk: int = 1 * MiB,
                    marker: tuple[int, bytes] | None = None) -> io.BytesIO:
     """A gzip stream inflated into memory (grown in place: never a second copy), refused as
-    ``DECOMPRESSED_TOO_LARGE`` past ``cap`` bytes or the inflation ratio (never fully inflated first) and as
-    ``GZIP_CORRUPT`` when it is not valid gzip. ``marker`` (offset, bytes): when the inflated data does not carry
-    these bytes there (DICOM's 'DICM' at 128), inflating stops and what was inflated so far is returned (the
-    caller sees a file that is not what it wants, and says so) rather than inflating a bomb to its cap."""
+    ``DECOMPRESSED_TOO_LARGE`` past the decompression limits (:func:`check_inflation`; never fully inflated
+    first) and as ``GZIP_CORRUPT`` when it is not valid gzip. ``marker`` (offset, bytes): when the inflated data
+    does not carry these bytes there (DICOM's 'DICM' at 128), inflating stops and what was inflated so far is
+    returned (the caller sees a file that is not what it wants, and says so) rather than inflating a bomb to its
+    cap."""
     limits = current_limits()
-    if cap is not None:
-        limits = dataclasses.replace(limits, max_decompressed_bytes=cap)
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     out = io.BytesIO()
     size = consumed = 0

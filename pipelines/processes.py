@@ -84,7 +84,7 @@ def _parent_of(pid: str) -> int | None:
     return int(stat[stat.rindex(b")") + 2:].split(maxsplit=2)[1])  # after "pid (comm) state": the parent
 
 
-def _resident_bytes(pid: int) -> int:
+def resident_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm", "rb") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -114,7 +114,7 @@ def process_tree(root: int) -> list[int]:
 def tree_resident_bytes(root: int) -> int:
     """Resident memory of ``root`` and its descendants together (pages shared by forked children are counted
     once per process, as the kernel's own RSS does: an upper bound)."""
-    return sum(_resident_bytes(pid) for pid in process_tree(root))
+    return sum(resident_bytes(pid) for pid in process_tree(root))
 
 
 def physical_memory_bytes() -> int:

@@ -22,7 +22,7 @@ import pytest
 
 from pipelines.phantom_dicom import write_phantom_series
 from pipelines.phantoms import make_phantom
-from pipelines.processes import _resident_bytes, process_tree, tree_resident_bytes
+from pipelines.processes import process_tree, resident_bytes, tree_resident_bytes
 from tests.service_helpers import Server, cli_env, create_key, post_job, wait_for
 
 SECRET_NAME = "Doe_Jane_MRN-0042"
@@ -247,7 +247,7 @@ def test_the_process_tree_memory_counts_children_and_grandchildren() -> None:
         assert len(tree) == 2 and tree[0] == child.pid
         while time.monotonic() < deadline and tree_resident_bytes(child.pid) < 200 * 2**20:
             time.sleep(0.05)
-        assert tree_resident_bytes(child.pid) >= 200 * 2**20 > _resident_bytes(child.pid)
+        assert tree_resident_bytes(child.pid) >= 200 * 2**20 > resident_bytes(child.pid)
     finally:
         for pid in process_tree(child.pid)[::-1]:
             os.kill(pid, signal.SIGKILL)

@@ -157,8 +157,7 @@ class _Worker:
         """One claimed job, its stages one after the other (no read-ahead)."""
         with ThreadPoolExecutor(1, thread_name_prefix="tessera-read") as reader:
             reading = self._start(job, reader)
-            run = self._read_result(reading) if reading is not None else None
-            if reading is not None and run is not None:
+            if reading is not None and (run := self._read_result(reading)) is not None:
                 self._complete(reading, run)
 
     def _start(self, job: Job | None, reader: ThreadPoolExecutor, ahead: bool = False) -> _Reading | None:

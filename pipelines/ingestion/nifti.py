@@ -93,11 +93,16 @@ def read_nifti(path: str | Path, modality: str = "unknown") -> Volume:
 def _voxels(image: nib.Nifti1Image, shape: tuple[int, ...]) -> np.ndarray:
     """The image's voxels as float32 (scaled by the header), read a slab of slices at a time."""
     data = np.empty(shape, dtype=np.float32, order="F")
-    step = max(1, SLAB_VOXELS // max(shape[0] * shape[1], 1))
     extra = (0,) * (len(image.shape) - 3)  # a 4-D file of one volume
-    for start in range(0, shape[2], step):
-        data[:, :, start:start + step] = image.dataobj[(slice(None), slice(None), slice(start, start + step), *extra)]
+    for slab in _slabs(shape):
+        data[:, :, slab] = image.dataobj[(slice(None), slice(None), slab, *extra)]
     return data
+
+
+def _slabs(shape: tuple[int, ...]) -> list[slice]:
+    """Slices along the last axis of about ``SLAB_VOXELS`` voxels each."""
+    step = max(1, SLAB_VOXELS // max(shape[0] * shape[1], 1))
+    return [slice(start, start + step) for start in range(0, shape[2], step)]
 
 
 def _scaled(header: nib.Nifti1Header) -> bool:
@@ -107,10 +112,9 @@ def _scaled(header: nib.Nifti1Header) -> bool:
 
 def _replace_non_finite(data: np.ndarray, name: str) -> None:
     """Non-finite voxels set to the image's finite minimum, in place, a slab at a time (no volume-sized mask)."""
-    step = max(1, SLAB_VOXELS // max(data.shape[0] * data.shape[1], 1))
     bad, low = 0, np.inf
-    for start in range(0, data.shape[2], step):
-        slab = data[:, :, start:start + step]
+    for part in _slabs(data.shape):
+        slab = data[:, :, part]
         finite = np.isfinite(slab)
         bad += int(slab.size - np.count_nonzero(finite))
         if finite.any():
@@ -120,8 +124,8 @@ def _replace_non_finite(data: np.ndarray, name: str) -> None:
     if bad == data.size:
         raise InputError("NIFTI_NO_DATA", f"{name}: every voxel is NaN or infinite")
     log.warning("%s: %d non-finite voxels set to the image minimum", name, bad)
-    for start in range(0, data.shape[2], step):
-        slab = data[:, :, start:start + step]
+    for part in _slabs(data.shape):
+        slab = data[:, :, part]
         slab[~np.isfinite(slab)] = low
 
 

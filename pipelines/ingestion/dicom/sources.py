@@ -191,12 +191,7 @@ def read_header(source: DicomFile) -> tuple[pydicom.Dataset, int | None] | None:
     A file that cannot be given back whole (``ZIP_CORRUPT``, ``DECOMPRESSED_TOO_LARGE``, ``GZIP_CORRUPT``)
     raises its :class:`InputError`; the reader skips it and reports the code when nothing else is left."""
     try:
-        with source.open() as handle:
-            header = pydicom.dcmread(handle, stop_before_pixels=True)
-            offset = handle.tell() if source.member is None and not source.gzipped else None
-        if isinstance(handle, io.BytesIO):
-            header.buffer = None  # closed with the inflated bytes: nothing to read or copy from it later
-        return header, offset
+        return _dcmread(source, stop_before_pixels=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError,
             OverflowError, MemoryError, RecursionError, struct.error, UnicodeError) as exc:
         log.warning("skipping a file: not a readable DICOM file (%s)", type(exc).__name__)
@@ -205,8 +200,14 @@ def read_header(source: DicomFile) -> tuple[pydicom.Dataset, int | None] | None:
 
 def read_dataset(source: DicomFile) -> pydicom.Dataset:
     """The whole dataset, pixel data included."""
+    return _dcmread(source)[0]
+
+
+def _dcmread(source: DicomFile, stop_before_pixels: bool = False) -> tuple[pydicom.Dataset, int | None]:
+    """The dataset and, for a plain file, where the read stopped."""
     with source.open() as handle:
-        dataset = pydicom.dcmread(handle)
+        dataset = pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels)
+        offset = handle.tell() if source.member is None and not source.gzipped else None
     if isinstance(handle, io.BytesIO):
-        dataset.buffer = None  # closed with the inflated bytes
-    return dataset
+        dataset.buffer = None  # closed with the inflated bytes: nothing to read or copy from it later
+    return dataset, offset
