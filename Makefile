@@ -3,12 +3,12 @@
 #   make test   set up, lint, run the test suite
 # Works offline on a CPU machine that has the torch 2.13.0 wheel in pip's find-links, and on a CUDA
 # node (pip then takes the CUDA build of the same torch from the registry). Add the CuPy kernels on a
-# GPU node with: make setup EXTRAS=service,dev,gpu
+# GPU node with: make setup EXTRAS=service,dev,ray,gpu
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= service,dev
+EXTRAS ?= service,dev,ray
 BIN := $(VENV)/bin
 DEMO_OUT ?= out/demo
 

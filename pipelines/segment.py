@@ -166,6 +166,53 @@ def is_finished(case_dir: Path) -> bool:
     return data.get("status") == "succeeded" and (case_dir / MASK_NAME).is_file()
 
 
+def skipped_case(case: CaseInput, output_root: Path, overwrite: bool) -> CaseResult | None:
+    """The result of a case that a resumed run skips (finished before, not ``overwrite``), else None."""
+    case_dir = output_root / case.case_id
+    if not overwrite and is_finished(case_dir):
+        return CaseResult(case.case_id, "skipped", case_dir)
+    return None
+
+
+def staging_dir(output_root: Path, case_id: str) -> Path:
+    """Where a case's outputs are written before they are renamed into place (hidden: never looks finished)."""
+    return output_root / f".{case_id}.partial"
+
+
+def publish_case(staging: Path, case_dir: Path) -> Path:
+    """Rename a complete staging folder into place, replacing an older result: the one atomic step that makes a
+    case's outputs visible. Returns ``case_dir``."""
+    if case_dir.exists():
+        shutil.rmtree(case_dir)
+    staging.rename(case_dir)
+    return case_dir
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run asks of every case, picklable: a distributed backend ships it to its workers, and each worker
+    builds the same :class:`Predictor` and :class:`CaseJob` from it as the local run does."""
+
+    model: str | None = None  # a registered name or a manifest path (resolved where the predictor is built)
+    device: str = "auto"
+    amp: bool = False
+    sampling: dict[str, int] = field(default_factory=dict)
+    keep_largest: bool = True
+    read_options: ReadOptions | None = None
+    outputs: OutputOptions | None = None
+
+    def predictor(self) -> Predictor:
+        from models.registry import resolve_model
+
+        return Predictor(resolve_model(self.model), device=self.device, amp=self.amp)  # sampling: per job
+
+    def case_job(self, output_root: Path, predictor: Predictor, *, overwrite: bool = False,
+                 progress: bool | ProgressCallback = False) -> CaseJob:
+        return CaseJob(output_root, predictor.with_sampling(self.sampling) if self.sampling else predictor,
+                       keep_largest=self.keep_largest, overwrite=overwrite, progress=progress,
+                       read_options=self.read_options, outputs=self.outputs)
+
+
 def segment_case(
     case: CaseInput,
     output_root: Path,
@@ -256,11 +303,11 @@ class CaseJob:
     def read(self, case: CaseInput) -> CaseRun | CaseResult:
         """The skip check, a fresh staging folder, the read and preprocess stages (an error kept for
         :meth:`write`)."""
-        case_dir = self.output_root / case.case_id
-        if not self.overwrite and is_finished(case_dir):
-            return CaseResult(case.case_id, "skipped", case_dir)
+        skipped = skipped_case(case, self.output_root, self.overwrite)
+        if skipped is not None:
+            return skipped
         progress = self.progress
-        run = CaseRun(case, self.output_root / f".{case.case_id}.partial", time.perf_counter(),
+        run = CaseRun(case, staging_dir(self.output_root, case.case_id), time.perf_counter(),
                       StageTimer(listener=progress if callable(progress) else None),
                       _report_header(case, self.predictor, self.keep_largest))
         shutil.rmtree(run.staging, ignore_errors=True)
@@ -319,10 +366,7 @@ class CaseJob:
         if run.error is not None:
             run.report.update(status="failed", error={"code": run.error.code, "message": run.error.message})
         write_json(run.report, run.staging / REPORT_NAME)
-        case_dir = self.output_root / run.case.case_id
-        if case_dir.exists():
-            shutil.rmtree(case_dir)
-        run.staging.rename(case_dir)
+        case_dir = publish_case(run.staging, self.output_root / run.case.case_id)
         run.result = run.case_volume = None  # the batch holds no case longer than it needs to
         if run.error is not None:
             return CaseResult(run.case.case_id, "failed", case_dir, run.error.code, run.error.message, seconds)

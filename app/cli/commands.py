@@ -6,9 +6,14 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from pipelines.segment import CaseResult
 
 log = logging.getLogger("tessera")
 
@@ -100,39 +105,67 @@ def train(args: argparse.Namespace) -> int:
 def segment(args: argparse.Namespace) -> int:
     from models.registry import resolve_model
     from pipelines.cases import discover_cases
-    from pipelines.inference import Predictor
     from pipelines.ingestion.reading import ReadOptions
-    from pipelines.segment import CaseJob, OutputOptions, segment_cases
+    from pipelines.segment import OutputOptions, RunSettings
 
+    if args.backend == "ray":
+        from app.jobs.ray_cluster import import_ray
+
+        import_ray()  # BACKEND_UNAVAILABLE before any work
     manifest = resolve_model(args.model)
     cases = discover_cases(args.inputs, channels=len(manifest.channels))
-    read_options = ReadOptions(series=args.series, tilt=args.tilt, min_slices=args.min_slices)
     formats = frozenset(f.strip() for f in args.format.split(",") if f.strip()) if args.format else None
-    outputs = OutputOptions(formats=formats, seg_type=args.seg_type, omit_empty_frames=not args.keep_empty_frames)
+    sampling = {k: v for k, v in (("steps", args.steps), ("members", args.members), ("seed", args.seed))
+                if v is not None}
+    settings = RunSettings(model=args.model, device=args.device, amp=args.amp, sampling=sampling,
+                           keep_largest=not args.no_keep_largest,
+                           read_options=ReadOptions(series=args.series, tilt=args.tilt, min_slices=args.min_slices),
+                           outputs=OutputOptions(formats=formats, seg_type=args.seg_type,
+                                                 omit_empty_frames=not args.keep_empty_frames))
     if not cases:
         log.error("no cases (NIfTI files, DICOM folders or zips) found in %s", ", ".join(args.inputs))
         return 2
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    _log_run_to(output, verbose=args.verbose)
+    if args.backend == "ray":
+        from app.jobs.ray_batch import segment_cases_on_ray
+
+        log.info("model %s %s on Ray (%s); %d case(s) -> %s", manifest.name, manifest.version,
+                 args.ray_address or "local", len(cases), output)
+        results = segment_cases_on_ray(cases, output, settings, overwrite=args.overwrite, address=args.ray_address)
+    else:
+        from pipelines.segment import segment_cases
+
+        predictor = settings.predictor()
+        log.info("model %s %s on %s; %d case(s) -> %s", manifest.name, manifest.version, predictor.device,
+                 len(cases), output)
+        job = settings.case_job(output, predictor, overwrite=args.overwrite, progress=sys.stderr.isatty())
+        results = segment_cases(cases, job, overlap=not args.no_overlap)
+    counts = _tally(results, len(cases))
+    summary = {"cases": len(cases), **counts, "model": manifest.name, "output": str(output)}
+    (output / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%d succeeded, %d failed, %d skipped", counts["succeeded"], counts["failed"], counts["skipped"])
+    return 1 if counts["failed"] else 0
+
+
+def _log_run_to(output: Path, verbose: bool) -> None:
+    """The run's debug log into ``output/tessera.log``; the terminal keeps its own level."""
     run_log = logging.FileHandler(output / "tessera.log")
     run_log.setLevel(logging.DEBUG)
     run_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(run_log)
     logging.getLogger().setLevel(logging.DEBUG)
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, _TqdmHandler) and not args.verbose:
+        if isinstance(handler, _TqdmHandler) and not verbose:
             handler.setLevel(logging.INFO)
-    sampling = {k: v for k, v in (("steps", args.steps), ("members", args.members), ("seed", args.seed))
-                if v is not None}
-    predictor = Predictor(manifest, device=args.device, amp=args.amp, sampling=sampling)
-    log.info("model %s %s on %s; %d case(s) -> %s", manifest.name, manifest.version, predictor.device,
-             len(cases), output)
+
+
+def _tally(results: Iterable[CaseResult], total: int) -> dict[str, int]:
+    """Each case's result counted and logged as it comes (a failure with its code), under a progress bar."""
     counts = {"succeeded": 0, "failed": 0, "skipped": 0}
-    show_windows = sys.stderr.isatty()
-    job = CaseJob(output, predictor, keep_largest=not args.no_keep_largest, overwrite=args.overwrite,
-                  progress=show_windows, read_options=read_options, outputs=outputs)
-    with tqdm(total=len(cases), desc="cases", unit="case", disable=None) as bar:
-        for result in segment_cases(cases, job, overlap=not args.no_overlap):
+    with tqdm(total=total, desc="cases", unit="case", disable=None) as bar:
+        for result in results:
             bar.update(1)
             bar.set_postfix_str(result.case_id)
             counts[result.status] += 1
@@ -140,10 +173,7 @@ def segment(args: argparse.Namespace) -> int:
                 log.error("FAILED %s: %s: %s", result.case_id, result.error_code, result.error_message)
             elif result.status == "skipped":
                 log.info("skipped %s (already done; --overwrite to redo)", result.case_id)
-    summary = {"cases": len(cases), **counts, "model": manifest.name, "output": str(output)}
-    (output / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("%d succeeded, %d failed, %d skipped", counts["succeeded"], counts["failed"], counts["skipped"])
-    return 1 if counts["failed"] else 0
+    return counts
 
 
 def models_list(args: argparse.Namespace) -> int:

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one case at a time (default: the next case is read and the previous one written while "
                           "one is predicted)")
     seg.add_argument("--amp", action="store_true", help="mixed precision forward on CUDA")
+    seg.add_argument("--backend", choices=("local", "ray"), default="local",
+                     help="local (default): this machine; ray: cases spread over the actors of a Ray cluster "
+                          "(extra 'ray'), one per GPU or per CPU node")
+    seg.add_argument("--ray-address", default=None,
+                     help="the Ray cluster's address, e.g. 10.0.0.1:6379 (default: $RAY_ADDRESS, else a Ray started "
+                          "on this machine)")
     sampling = seg.add_argument_group("sampling families (diffusion)")
     sampling.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's, CPU budget)")
     sampling.add_argument("--members", type=int, default=None, help="ensemble members (default: the model's)")
