@@ -11,10 +11,11 @@ TORCH_VERSION ?= 2.13.0
 EXTRAS ?= service,dev,ray
 BIN := $(VENV)/bin
 DEMO_OUT ?= out/demo
+WEB := app/service/web
 
 .PHONY: setup demo test lint bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(WEB)/node_modules/.package-lock.json
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet "opencv-python-headless>=4.8" && \
 	    $(BIN)/python -m pip install --quiet --no-deps "rt-utils==1.2.7"
 	touch $@
+
+# The results page's viewer: NiiVue, pinned in $(WEB)/package-lock.json, from the npm registry once (then
+# offline); the service serves it from $(WEB)/node_modules. Without npm the page at / says how to install it.
+$(WEB)/node_modules/.package-lock.json: $(WEB)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix $(WEB) --ignore-scripts --no-audit --no-fund --loglevel=error; \
+	else echo "warning: npm is missing (apt-get install npm): the results page at / will be unavailable" >&2; fi
 
 demo: setup
 	$(BIN)/tessera models

@@ -369,6 +369,7 @@ def list_models(request: Request, owner: Owner) -> schemas.ModelList:
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The application for ``settings``; its lifespan locks the data directory and runs the workers."""
     from app.cli.commands import tool_version
+    from app.service.page import router as page_router  # the results page (it imports this module)
 
     settings.apply_input_limits()  # upload checks here, readers in the workers
     state = ServiceState(settings)
@@ -390,6 +391,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.tessera = state
     install_problem_handlers(app)
     app.include_router(router)
+    app.include_router(page_router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type"])
