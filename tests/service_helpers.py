@@ -135,3 +135,11 @@ def pid_alive(pid: int) -> bool:
         return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
+
+
+def wait_until_dead(pids: list[int], timeout: float = 10.0) -> bool:
+    """Whether every one of ``pids`` is gone within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(pid_alive(pid) for pid in pids)

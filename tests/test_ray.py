@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import nibabel as nib
 import numpy as np
 import pytest
@@ -18,6 +22,8 @@ from app.cli.main import main as tessera
 from models.manifest import ModelManifest
 from pipelines.cases import discover_cases
 from pipelines.segment import OutputOptions, RunSettings
+from tests.service_helpers import Server, cli_env, create_key, post_job, wait_for, wait_until_dead
+from tests.test_service import _cli_mask
 
 STORE_BYTES = 200 * 2**20
 # node deaths seen in about 2 s rather than Ray's default 30 s
@@ -63,6 +69,17 @@ def two_nodes(cluster: object) -> Iterator[object]:
     cluster.wait_for_nodes()  # type: ignore[attr-defined]
 
 
+@pytest.fixture()
+def one_torch_thread() -> Iterator[None]:
+    """This process's torch on one thread, as an actor on a 1-CPU node (see :func:`_cli_mask_on_one_thread`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _phantom_folder(folder: Path, seeds: range, spacing: tuple[float, float, float]) -> Path:
     from pipelines.phantoms import make_phantom
 
@@ -83,7 +100,7 @@ def _summary(out: Path) -> dict:
 
 
 def test_a_folder_across_two_nodes_gives_the_local_masks_and_the_local_bookkeeping(
-        cluster: object, tiny_model: ModelManifest, tmp_path: Path) -> None:
+        cluster: object, tiny_model: ModelManifest, tmp_path: Path, one_torch_thread: None) -> None:
     cases = _phantom_folder(tmp_path / "cases", range(20, 24), (4.0, 4.0, 5.0))
     (cases / "broken.nii.gz").write_bytes(b"\x1f\x8b not a nifti")  # one failure, isolated, with its code
     common = ["--model", str(tiny_model.manifest_path), "--device", "cpu", "--format", "nifti,stats"]
@@ -117,7 +134,7 @@ def test_a_folder_across_two_nodes_gives_the_local_masks_and_the_local_bookkeepi
 
 def test_a_node_killed_mid_run_loses_no_case_and_writes_none_twice(
         two_nodes: object, tiny_model: ModelManifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, one_torch_thread: None) -> None:
     import pipelines.segment
     from app.jobs.ray_batch import segment_cases_on_ray
 
@@ -164,4 +181,92 @@ def test_without_ray_the_ray_backend_is_a_coded_usage_error(
     assert code == 2, error
     assert "BACKEND_UNAVAILABLE" in error and "pip install 'tessera[ray]'" in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()
+    assert tessera(["serve", "--data-dir", str(tmp_path / "data"), "--executor", "ray"]) == 2
+    assert "BACKEND_UNAVAILABLE" in capsys.readouterr().err
 
+
+# --- the service with the Ray executor ------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def big_phantom(tmp_path: Path) -> Path:
+    from pipelines.phantoms import make_phantom
+
+    path = tmp_path / "big.nii.gz"
+    nib.save(make_phantom(11, spacing=(1.0, 1.0, 1.0)).image, path)
+    return path
+
+
+def _ray_server(tmp_path: Path, service_models: Path, address: str) -> tuple[Server, str]:
+    env = cli_env(service_models, tmp_path / "home")
+    server = Server(tmp_path / "data", env, "tiny", tmp_path / "server.log",
+                    settings={"executor": "ray", "ray_address": address, "concurrency": "1"})
+    server.start()
+    return server, create_key(server.data_dir, "alice", env)
+
+
+def _cli_mask_on_one_thread(server: Server, source: Path, out: Path) -> np.ndarray:
+    """The CLI's mask with the torch threads of an actor on a 1-CPU node: a random-weight tiny network has
+    near-ties that 1 and 2 threads (another float summation order) may break differently (1 voxel in 4 million)."""
+    return _cli_mask(replace(server, env={**server.env, "OMP_NUM_THREADS": "1"}), source, out)
+
+
+def _cluster_cpus_free(address: str, cpus: int, timeout: float = 30.0) -> bool:
+    """Whether the cluster's ``cpus`` CPUs are all free within ``timeout``: no actor holds one."""
+    from app.jobs.ray_cluster import ray_connection
+
+    with ray_connection(address) as ray:
+        deadline = time.monotonic() + timeout
+        while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return bool(ray.available_resources().get("CPU", 0) >= cpus)
+
+
+def _served_mask(client: httpx.Client, job: dict, path: Path) -> np.ndarray:
+    path.write_bytes(client.get(f"{job['url']}/artifacts/mask.nii.gz").content)
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_service_on_ray_survives_kill_9_of_the_server_mid_job(
+        cluster: object, service_models: Path, big_phantom: Path, tmp_path: Path) -> None:
+    server, key = _ray_server(tmp_path, service_models, cluster.address)  # type: ignore[attr-defined]
+    try:
+        with server.client(key) as client:
+            job_id = post_job(client, big_phantom).json()["id"]
+            wait_for(client, job_id, {"running"}, stage="predict")  # on the actor now
+            workers = server.worker_pids()
+        server.kill9()
+        assert wait_until_dead(workers), "a worker outlived its server"
+        assert _cluster_cpus_free(cluster.address, 2), "an actor outlived its server"  # type: ignore[attr-defined]
+        assert not (server.data_dir / "jobs" / job_id / "output" / job_id).exists()
+
+        server.port = 0
+        server.start()
+        with server.client(key) as client:
+            job = wait_for(client, job_id)
+            assert (job["state"], job["attempts"]) == ("succeeded", 2), (job, server.log_tail())
+            served = _served_mask(client, job, tmp_path / "served.nii.gz")
+        np.testing.assert_array_equal(served, _cli_mask_on_one_thread(server, big_phantom, tmp_path / "cli"))
+        log_text = server.log_path.read_text()
+        assert "re-queued 1 job(s)" in log_text and "Ray actor on node" in log_text
+    finally:
+        server.stop()
+
+
+def test_service_on_ray_requeues_the_job_of_a_lost_node(
+        two_nodes: object, service_models: Path, big_phantom: Path, tmp_path: Path) -> None:
+    server, key = _ray_server(tmp_path, service_models, two_nodes.address)  # type: ignore[attr-defined]
+    try:
+        with server.client(key) as client:
+            job_id = post_job(client, big_phantom).json()["id"]
+            wait_for(client, job_id, {"running"}, stage="predict")
+            (node_id,) = re.findall(r"Ray actor on node ([0-9a-f]+)", server.log_path.read_text())
+            (victim,) = [n for n in two_nodes.worker_nodes if n.node_id == node_id]  # type: ignore[attr-defined]
+            two_nodes.remove_node(victim, allow_graceful=False)  # type: ignore[attr-defined]
+            job = wait_for(client, job_id)
+            assert (job["state"], job["attempts"]) == ("succeeded", 2), (job, server.log_tail())
+            served = _served_mask(client, job, tmp_path / "served.nii.gz")
+        np.testing.assert_array_equal(served, _cli_mask_on_one_thread(server, big_phantom, tmp_path / "cli"))
+        assert "its Ray actor was lost" in server.log_path.read_text()
+    finally:
+        server.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.service_helpers import Server, cli_env, create_key, pid_alive, post_job, wait_for
+from tests.service_helpers import Server, cli_env, create_key, post_job, wait_for, wait_until_dead
 from tests.test_service import _cli_mask
 
 
@@ -40,10 +39,7 @@ def test_kill_9_mid_job_then_restart_completes_every_accepted_job(service_models
             wait_for(client, queued, {"running"})  # read ahead while the first one is predicted
             workers = server.worker_pids()
         server.kill9()
-        deadline = time.monotonic() + 10
-        while any(pid_alive(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(pid_alive(pid) for pid in workers), "a worker outlived its server"
+        assert wait_until_dead(workers), "a worker outlived its server"
         (partial,) = (server.data_dir / "jobs" / running / "output").glob(".*.partial")  # half-done, not done
         assert not (server.data_dir / "jobs" / running / "output" / running).exists()
 

@@ -265,7 +265,12 @@ def serve(args: argparse.Namespace) -> int:
     configure_service_logging("server", verbose=args.verbose)
     settings = load_settings(Path(args.config) if args.config else None, host=args.host, port=args.port,
                              data_dir=args.data_dir, default_model=args.model, device=args.device,
-                             concurrency=args.concurrency, auth=False if args.no_auth else None)
+                             concurrency=args.concurrency, auth=False if args.no_auth else None,
+                             executor=args.executor, ray_address=args.ray_address)
+    if settings.executor == "ray":
+        from app.jobs.ray_cluster import import_ray
+
+        import_ray()  # BACKEND_UNAVAILABLE before the server starts
     app = create_app(settings)
     app.state.tessera.lock_data_dir()  # a second server on the same data is a usage error, before uvicorn starts
     log.info("Tessera service on http://%s:%d (docs at /docs)", settings.host, settings.port)

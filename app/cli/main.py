@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     srv.add_argument("--concurrency", type=int, default=None, help="jobs at once (default: one per GPU, else one)")
     srv.add_argument("--no-auth", action="store_true", help="no API keys (refused unless bound to loopback)")
+    srv.add_argument("--executor", choices=("local", "ray"), default=None,
+                     help="local (default): worker processes here; ray: each job's case runs on a Ray actor "
+                          "(extra 'ray'), the queue and results stay in this server's SQLite")
+    srv.add_argument("--ray-address", default=None, help="the Ray cluster's address for --executor ray")
     srv.set_defaults(handler=commands.serve)
 
     keys = sub.add_parser("keys", help="API keys of the REST service")

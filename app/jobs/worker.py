@@ -6,7 +6,8 @@ next window when it is cancelled, times out or the server shuts down. The server
 restarts a worker that died (its job re-runs, up to ``max_attempts``) and kills one that ignores a
 timeout or a cancel, or whose job holds more memory than ``max_worker_memory_bytes`` (the job fails).
 Workers die with the server (``PR_SET_PDEATHSIG``), so after a ``kill -9`` nothing runs on; the next start
-re-queues what was running.
+re-queues what was running. With ``executor = "ray"`` the same workers claim and record jobs on the server, and
+only the case itself runs on a Ray actor (:mod:`app.jobs.ray_executor`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def slot_device(settings: ServiceSettings, slot: int) -> str:
 def default_concurrency(settings: ServiceSettings) -> int:
     if settings.concurrency:
         return settings.concurrency
+    if settings.executor == "ray":  # one worker per actor slot of the cluster: its GPUs, else its CPU nodes
+        from app.jobs.ray_cluster import actor_slots, ray_connection
+
+        with ray_connection(settings.ray_address) as ray:
+            return max(len(actor_slots(ray)), 1)
     if settings.device.startswith("cuda") or settings.device == "cpu":
         return 1
     import torch
@@ -221,6 +227,10 @@ class _Worker:
             log.error("job %s: internal error (%s)", job.id, type(exc).__name__, exc_info=exc)
             self._finish(job, "failed", error_code="INTERNAL_ERROR", error_message=type(exc).__name__)
             return
+        self._record(job, result)
+
+    def _record(self, job: Job, result: CaseResult) -> None:
+        """The job's outcome from its case's result and report."""
         report = _read_report(result.output_dir)
         details: dict[str, Any] = {"warnings": report.get("warnings", []), "timings": report.get("timings_s", {})}
         if result.status == "failed":
@@ -291,7 +301,12 @@ def worker_main(slot: int, settings_data: dict[str, Any], parent: int) -> None:
     configure_service_logging(f"worker-{slot}")
     settings = ServiceSettings(**settings_data)
     settings.apply_input_limits()
-    _Worker(slot, settings, stop, parent).serve()
+    if settings.executor == "ray":
+        from app.jobs.ray_executor import RayWorker
+
+        RayWorker(slot, settings, stop, parent).serve()
+    else:
+        _Worker(slot, settings, stop, parent).serve()
 
 
 # --- the server side ----------------------------------------------------------------------------
@@ -423,13 +438,7 @@ class WorkerPool:
         self._restart(slot)
 
     def _after_crash(self, job: Job) -> None:
-        if job.cancel_requested:
-            self.store.finish(job.id, "cancelled")
-        elif job.attempts >= self.settings.max_attempts:
-            self.store.finish(job.id, "failed", error_code="JOB_CRASHED",
-                              error_message=f"the worker died {job.attempts} times running this job")
-        else:
-            self.store.requeue(job.id)
+        after_crash(self.store, self.settings, job)
 
     def _sweep_deleted(self) -> None:
         for job_id in self.store.deleted_ids():
@@ -446,6 +455,18 @@ class WorkerPool:
         if expired:
             log.info("retention: deleted the files of %d job(s)", len(expired))
         return len(expired)
+
+
+def after_crash(store: JobStore, settings: ServiceSettings, job: Job) -> None:
+    """A job whose worker (or Ray actor) died under it: queued again, unless it was cancelled or has crashed
+    ``max_attempts`` times (``JOB_CRASHED``)."""
+    if job.cancel_requested:
+        store.finish(job.id, "cancelled")
+    elif job.attempts >= settings.max_attempts:
+        store.finish(job.id, "failed", error_code="JOB_CRASHED",
+                     error_message=f"the worker died {job.attempts} times running this job")
+    else:
+        store.requeue(job.id)
 
 
 def recover_data_dir(settings: ServiceSettings, store: JobStore) -> None:

@@ -6,7 +6,7 @@ import ipaddress
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -38,6 +38,11 @@ class ServiceSettings(BaseSettings):
     default_model: str | None = Field(default=None, description="model for jobs that name none")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     concurrency: int | None = Field(default=None, ge=1, description="jobs at once; default one per GPU, else one")
+    executor: Literal["local", "ray"] = Field(
+        default="local", description="where jobs' cases run: local worker processes, or Ray actors on a cluster "
+                                     "(extra 'ray'; claims, attempts and results stay in this server's SQLite)")
+    ray_address: str | None = Field(default=None, description="the Ray cluster for executor 'ray' (default: "
+                                                              "$RAY_ADDRESS, else a Ray started on this machine)")
     max_queued_jobs: int = Field(default=32, ge=1, description="queued jobs beyond which uploads get 429")
     job_timeout_s: float = Field(default=3600.0, gt=0, description="a running job is stopped after this long")
     read_ahead: bool = Field(default=True, description="a worker reads its next job while it predicts the current "
