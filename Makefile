@@ -1,6 +1,7 @@
 # One entry point for set-up, the demo, the tests and the benchmarks.
 #   make demo   set up, segment the sample test cases with the default model, score them
 #   make test   set up, lint, run the test suite
+#   make docker-test-cpu / docker-test   build the images on a Docker engine and check them (docker/test.sh)
 # Works offline on a CPU machine that has the torch 2.13.0 wheel in pip's find-links, and on a CUDA
 # node (pip then takes the CUDA build of the same torch from the registry). Add the CuPy kernels on a
 # GPU node with: make setup EXTRAS=service,dev,ray,gpu
@@ -13,7 +14,7 @@ BIN := $(VENV)/bin
 DEMO_OUT ?= out/demo
 WEB := app/service/web
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean docker-test docker-test-cpu
 
 setup: $(VENV)/.installed $(WEB)/node_modules/.package-lock.json
 
@@ -66,6 +67,14 @@ bench: setup $(VENV)/.mamba-reference
 	$(BIN)/python bench/pipeline_stages.py
 	$(BIN)/python bench/scan.py
 	$(BIN)/python bench/families.py
+
+# Build the images on a real Docker engine (own dockerd, base from Debian packages) and check them:
+# docker/test.sh. CI runs the CPU part; the GPU image (several GB of CUDA wheels) is a manual target.
+docker-test: setup
+	PYTHON=$(BIN)/python docker/test.sh
+
+docker-test-cpu: setup
+	PYTHON=$(BIN)/python docker/test.sh --cpu
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

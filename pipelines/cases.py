@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def _group_channels(cases: list[CaseInput], channels: int) -> list[CaseInput]:
     return rest
 
 
-def discover_cases(inputs: list[str | Path], channels: int = 1) -> list[CaseInput]:
+def discover_cases(inputs: Sequence[str | Path], channels: int = 1) -> list[CaseInput]:
     """Cases in command-line order. A path that does not exist, or two cases with one name, is a usage error."""
     cases: list[CaseInput] = []
     for raw in inputs:

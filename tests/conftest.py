@@ -65,6 +65,7 @@ def write_tiny_model(
     seed: int = 0,
     channels: int = 1,
     family: str = "swin_unetr",
+    modality: str = "CT",
 ) -> ModelManifest:
     """A randomly initialised tiny network of ``family`` with a manifest on the phantom labels (CT, CT2...)."""
     from models.manifest import manifest_from_dict
@@ -75,7 +76,8 @@ def write_tiny_model(
         "name": name,
         "version": "0.0.1",
         "family": family,
-        "channels": [{"name": "CT" if i == 0 else f"CT{i + 1}", "modality": "CT"} for i in range(channels)],
+        "channels": [{"name": modality if i == 0 else f"{modality}{i + 1}", "modality": modality}
+                     for i in range(channels)],
         "labels": [{"value": s.value, "name": s.name} for s in STRUCTURES],
         "network": TINY_NETWORKS[family],
         "preprocessing": {"orientation": "RAS", "spacing": list(spacing) if spacing else None,

@@ -333,7 +333,10 @@ def test_a_pet_ct_study_through_the_diffusion_demo_model(server: Server, alice: 
 def test_form_mistakes_are_4xx(alice: httpx.Client, nifti_case: Path) -> None:
     _assert_problem(alice.post("/v1/jobs", data={"model": "tiny"}, files=[("other", ("x", b"1"))]), 422, "NO_FILE")
     _assert_problem(post_job(alice, nifti_case, colour="blue"), 422, "REQUEST_INVALID")
-    _assert_problem(alice.post("/v1/jobs", json={"file": "x"}), 415, "UNSUPPORTED_MEDIA_TYPE")
+    _assert_problem(alice.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"}), 415,
+                    "UNSUPPORTED_MEDIA_TYPE")
+    _assert_problem(alice.post("/v1/jobs", json={"file": "x"}), 422, "REQUEST_INVALID")  # JSON: a study reference
+    _assert_problem(alice.post("/v1/jobs", json={"pacs": "none", "study": "1.2.3"}), 422, "PACS_UNKNOWN")
     _assert_problem(post_job(alice, nifti_case, model="no-such-model"), 422, "MODEL_NOT_FOUND")
     _assert_problem(post_job(alice, nifti_case, formats="nifti,jpeg"), 422, "UNKNOWN_FORMAT")
     _assert_problem(post_job(alice, nifti_case, nifti_case), 422, "CHANNEL_COUNT_MISMATCH")

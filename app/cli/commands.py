@@ -7,12 +7,14 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 if TYPE_CHECKING:
+    from pipelines.ingestion.dicomweb import Credentials, Transport
     from pipelines.segment import CaseResult
 
 log = logging.getLogger("tessera")
@@ -37,7 +39,7 @@ def configure_logging(verbose: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("monai", "nibabel", "PIL", "matplotlib", "highdicom", "pydicom"):
+    for noisy in ("monai", "nibabel", "PIL", "matplotlib", "highdicom", "pydicom", "dicomweb_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
     if not verbose:
         import warnings
@@ -106,6 +108,7 @@ def segment(args: argparse.Namespace) -> int:
     from models.registry import resolve_model
     from pipelines.cases import discover_cases
     from pipelines.ingestion.reading import ReadOptions
+    from pipelines.pacs import PacsRun, split_inputs
     from pipelines.segment import OutputOptions, RunSettings
 
     if args.backend == "ray":
@@ -113,8 +116,11 @@ def segment(args: argparse.Namespace) -> int:
 
         import_ray()  # BACKEND_UNAVAILABLE before any work
     manifest = resolve_model(args.model)
-    cases = discover_cases(args.inputs, channels=len(manifest.channels))
+    paths, references = split_inputs(args.inputs)
+    cases = discover_cases(paths, channels=len(manifest.channels)) if paths else []
     formats = frozenset(f.strip() for f in args.format.split(",") if f.strip()) if args.format else None
+    if args.push and formats is not None:
+        formats |= {"dicom-seg"}  # what a push stores
     sampling = {k: v for k, v in (("steps", args.steps), ("members", args.members), ("seed", args.seed))
                 if v is not None}
     settings = RunSettings(model=args.model, device=args.device, amp=args.amp, sampling=sampling,
@@ -122,12 +128,15 @@ def segment(args: argparse.Namespace) -> int:
                            read_options=ReadOptions(series=args.series, tilt=args.tilt, min_slices=args.min_slices),
                            outputs=OutputOptions(formats=formats, seg_type=args.seg_type,
                                                  omit_empty_frames=not args.keep_empty_frames))
-    if not cases:
+    if not cases and not references:
         log.error("no cases (NIfTI files, DICOM folders or zips) found in %s", ", ".join(args.inputs))
         return 2
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     _log_run_to(output, verbose=args.verbose)
+    pacs = PacsRun(_dicomweb_cache(args), *_dicomweb_access(args), push=args.push)
+    fetched, unfetched = pacs.fetch(references, output)
+    cases += fetched
     if args.backend == "ray":
         from app.jobs.ray_batch import segment_cases_on_ray
 
@@ -142,11 +151,25 @@ def segment(args: argparse.Namespace) -> int:
                  len(cases), output)
         job = settings.case_job(output, predictor, overwrite=args.overwrite, progress=sys.stderr.isatty())
         results = segment_cases(cases, job, overlap=not args.no_overlap)
-    counts = _tally(results, len(cases))
-    summary = {"cases": len(cases), **counts, "model": manifest.name, "output": str(output)}
+    counts = _tally(chain(unfetched, pacs.pushed(results)), len(cases) + len(unfetched))
+    summary = {"cases": len(cases) + len(unfetched), **counts, "model": manifest.name, "output": str(output)}
     (output / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%d succeeded, %d failed, %d skipped", counts["succeeded"], counts["failed"], counts["skipped"])
     return 1 if counts["failed"] else 0
+
+
+def _dicomweb_access(args: argparse.Namespace) -> tuple[Credentials, Transport]:
+    """Credentials from the options, else the environment; the timeout of each request."""
+    from pipelines.ingestion.dicomweb import Credentials, Transport
+
+    return (Credentials.from_environment(args.dicomweb_user, token=args.dicomweb_token),
+            Transport(timeout_s=args.dicomweb_timeout))
+
+
+def _dicomweb_cache(args: argparse.Namespace) -> Path:
+    from pipelines.ingestion.dicomweb import default_cache
+
+    return Path(args.dicomweb_cache).expanduser() if args.dicomweb_cache else default_cache()
 
 
 def _log_run_to(output: Path, verbose: bool) -> None:
@@ -240,8 +263,13 @@ def export_seg(args: argparse.Namespace) -> int:
 
 def convert(args: argparse.Namespace) -> int:
     from pipelines.ingestion.dicom.conversion import convert_study
+    from pipelines.ingestion.dicomweb import DicomWebServer, parse_reference
 
-    outcome = convert_study(Path(args.input), Path(args.output), all_series=args.all_series, series=args.series,
+    source = Path(args.input)
+    reference = parse_reference(args.input)
+    if reference is not None:  # a study or series on a DICOMweb server: fetched into the cache first
+        source = DicomWebServer(reference.root, *_dicomweb_access(args)).fetch(reference, _dicomweb_cache(args))
+    outcome = convert_study(source, Path(args.output), all_series=args.all_series, series=args.series,
                             modality=args.modality, tilt=args.tilt, min_slices=args.min_slices)
     for item in outcome.written:
         log.info("wrote %s (%s)", item["file"], item["reason"])

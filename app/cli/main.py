@@ -46,6 +46,19 @@ def _add_dicom_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-slices", type=int, default=3, help="fewest slices that make a volume (default 3)")
 
 
+def _add_dicomweb_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("DICOMweb input (a study or series URL: http(s)://HOST/.../studies/UID"
+                                      "[/series/UID])")
+    group.add_argument("--dicomweb-user", default=None,
+                       help="HTTP basic user (default $TESSERA_DICOMWEB_USER; the password only from "
+                            "$TESSERA_DICOMWEB_PASSWORD)")
+    group.add_argument("--dicomweb-token", default=None, help="bearer token (default $TESSERA_DICOMWEB_TOKEN)")
+    group.add_argument("--dicomweb-timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    group.add_argument("--dicomweb-cache", default=None,
+                       help="fetched instances, by SOP Instance UID (default $TESSERA_DICOMWEB_CACHE, else "
+                            "$TESSERA_HOME/dicomweb-cache)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="3D medical image segmentation")
     parser.add_argument("--version", action="version", version=f"tessera {commands.tool_version()}")
@@ -53,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="segment NIfTI files or folders of them")
-    seg.add_argument("inputs", nargs="+", help="a NIfTI file or a folder of cases")
+    seg.add_argument("inputs", nargs="+", help="a NIfTI file, a folder of cases, or a DICOMweb study/series URL")
     seg.add_argument("-o", "--output", required=True, help="output folder: one sub-folder per case")
     seg.add_argument("--model", default=None, help="registered model name or a manifest.json path")
     seg.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -80,14 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DICOM-SEG type: binary labels (default) or fractional probabilities")
     seg.add_argument("--keep-empty-frames", action="store_true", help="DICOM-SEG: keep frames with no segment")
     _add_dicom_options(seg)
+    _add_dicomweb_options(seg)
+    seg.add_argument("--push", action="store_true",
+                     help="store each DICOMweb case's DICOM-SEG (and RTSTRUCT) back on its server (STOW-RS)")
     seg.set_defaults(handler=commands.segment)
 
     cnv = sub.add_parser("convert", help="DICOM study/zip/file to NIfTI volumes with JSON sidecars")
-    cnv.add_argument("input", help="a DICOM folder (searched recursively), a zip, or one (multi-frame) file")
+    cnv.add_argument("input", help="a DICOM folder (searched recursively), a zip, one (multi-frame) file, or a "
+                                   "DICOMweb study/series URL")
     cnv.add_argument("-o", "--output", required=True, help="output folder")
     cnv.add_argument("--all-series", action="store_true", help="every usable volume, not only the selected one")
     cnv.add_argument("--modality", default=None, help="prefer this modality when selecting (e.g. CT)")
     _add_dicom_options(cnv)
+    _add_dicomweb_options(cnv)
     cnv.set_defaults(handler=commands.convert)
 
     exp = sub.add_parser("export-seg", help="a mask on a DICOM series' grid to a DICOM-SEG")

@@ -30,8 +30,7 @@ from app.jobs.ray_cluster import (
 )
 from app.jobs.store import Job
 from app.jobs.worker import _Worker, after_crash, job_dir
-from pipelines.cases import CaseInput
-from pipelines.errors import Interrupted
+from pipelines.errors import Interrupted, TesseraError
 
 if TYPE_CHECKING:
     from app.service.settings import ServiceSettings
@@ -82,7 +81,7 @@ class RayWorker(_Worker):
         progress = self._progress(job)
         try:
             progress("read", 0.0)
-            packed = ray.put(pack_case(CaseInput(job.id, tuple(folder / "input" / name for name in job.inputs))))
+            packed = ray.put(pack_case(self._case_input(job, progress)))  # uploads, or a study fetched from a PACS
             answer = self.actor.segment.remote(packed, self._run_settings(job))
             del packed
             while not ray.wait([answer], timeout=WAIT_S)[0]:
@@ -91,6 +90,9 @@ class RayWorker(_Worker):
         except Interrupted as stop:
             self._drop_actor()  # the case stops on the cluster only with its actor
             self._interrupted(job, stop.reason)
+            return
+        except TesseraError as exc:  # a study by reference that could not be fetched
+            self._finish(job, "failed", error_code=exc.code, error_message=exc.message)
             return
         except ray.exceptions.RayTaskError as exc:  # a bug in the actor's code: the job fails, coded
             log.error("job %s: internal error on the Ray actor (%s)", job.id, type(exc.cause).__name__)

@@ -33,16 +33,19 @@ from pipelines.errors import Interrupted, TesseraError
 from pipelines.processes import die_with_parent, physical_memory_bytes, tree_resident_bytes
 
 if TYPE_CHECKING:
-    from app.service.settings import ServiceSettings
+    from app.service.settings import PacsEndpoint, ServiceSettings
+    from pipelines.cases import CaseInput
     from pipelines.inference import Predictor
+    from pipelines.ingestion.dicomweb import DicomWebServer
     from pipelines.segment import CaseJob, CaseResult, CaseRun
 
 log = logging.getLogger(__name__)
 
 # Where each pipeline stage sits on the job's 0..1 progress scale.
 STAGE_SPANS: dict[str, tuple[float, float]] = {
-    "starting": (0.0, 0.0), "loading_model": (0.0, 0.02), "read": (0.02, 0.1), "preprocess": (0.1, 0.15),
-    "predict": (0.15, 0.85), "to_source_grid": (0.85, 0.9), "postprocess": (0.9, 0.92), "write": (0.92, 1.0),
+    "starting": (0.0, 0.0), "loading_model": (0.0, 0.02), "fetch": (0.02, 0.02), "read": (0.02, 0.1),
+    "preprocess": (0.1, 0.15), "predict": (0.15, 0.85), "to_source_grid": (0.85, 0.9), "postprocess": (0.9, 0.92),
+    "write": (0.92, 1.0), "push": (1.0, 1.0),
 }
 PROGRESS_EVERY_S = 0.5
 HEARTBEAT_EVERY_S = 2.0
@@ -168,7 +171,6 @@ class _Worker:
 
     def _start(self, job: Job | None, reader: ThreadPoolExecutor, ahead: bool = False) -> _Reading | None:
         """The job's model (loaded here, not on the reading thread), and its read stage begun on ``reader``."""
-        from pipelines.cases import CaseInput
         from pipelines.ingestion.reading import ReadOptions
         from pipelines.segment import CaseJob, OutputOptions
 
@@ -193,8 +195,34 @@ class _Worker:
         case_job = CaseJob(folder / "output", predictor, keep_largest=options.get("keep_largest", True),
                            overwrite=True, progress=progress, outputs=outputs,
                            read_options=ReadOptions(series=options.get("series"), tilt=options.get("tilt", "refuse")))
-        case = CaseInput(job.id, tuple(folder / "input" / name for name in job.inputs))
-        return _Reading(job, case_job, reader.submit(case_job.read, case), ahead)
+        return _Reading(job, case_job, reader.submit(lambda: case_job.read(self._case_input(job, progress))), ahead)
+
+    def _case_input(self, job: Job, progress: Callable[[str, float], None]) -> CaseInput:
+        """The job's case: its uploaded files, or for a job by reference the study fetched from its PACS into the
+        server's DICOMweb cache (``PACS_*`` codes when that fails)."""
+        from pipelines.cases import CaseInput
+
+        reference = job.options.get("pacs")
+        if not reference:
+            return CaseInput(job.id, tuple(job_dir(self.settings, job.id) / "input" / name for name in job.inputs))
+        from pipelines.ingestion.dicomweb import DicomWebReference
+
+        progress("fetch", 0.0)
+        server, endpoint = self._pacs(reference["name"])
+        folder = server.fetch(DicomWebReference(endpoint.url.rstrip("/"), reference["study"], reference["series"]),
+                              self.settings.data_dir / "dicomweb-cache")
+        return CaseInput(job.id, (folder,))
+
+    def _pacs(self, name: str) -> tuple[DicomWebServer, PacsEndpoint]:
+        from pipelines.ingestion.dicomweb import Credentials, DicomWebServer, PacsError, Transport
+
+        endpoint = self.settings.pacs.get(name)
+        if endpoint is None:  # the settings changed since the job was accepted
+            raise PacsError("PACS_UNKNOWN", f"no PACS named {name!r} in this server's settings")
+        server = DicomWebServer(endpoint.url.rstrip("/"), Credentials(endpoint.user, endpoint.password,
+                                                                      endpoint.token),
+                                Transport(endpoint.timeout_s, endpoint.retries))
+        return server, endpoint
 
     def _read_result(self, reading: _Reading) -> CaseRun | None:
         """The job's read stage, waited for; ``None`` when it ended the job (interrupted, or a bug)."""
@@ -202,6 +230,9 @@ class _Worker:
             run = reading.future.result()
         except Interrupted as stop:
             self._interrupted(reading.job, stop.reason)
+            return None
+        except TesseraError as exc:  # a study by reference that could not be fetched
+            self._finish(reading.job, "failed", error_code=exc.code, error_message=exc.message)
             return None
         except Exception as exc:  # a bug: the job fails with a code, the worker lives on
             log.error("job %s: internal error while reading (%s)", reading.job.id, type(exc).__name__, exc_info=exc)
@@ -235,9 +266,31 @@ class _Worker:
         details: dict[str, Any] = {"warnings": report.get("warnings", []), "timings": report.get("timings_s", {})}
         if result.status == "failed":
             self._finish(job, "failed", error_code=result.error_code, error_message=result.error_message, **details)
-        else:
-            artifacts = sorted(p.name for p in result.output_dir.iterdir() if p.is_file())
-            self._finish(job, "succeeded", artifacts=artifacts, **details)
+            return
+        artifacts = sorted(p.name for p in result.output_dir.iterdir() if p.is_file())
+        reference = job.options.get("pacs")
+        if reference and reference.get("push"):
+            try:
+                self._push(job, result.output_dir)
+            except TesseraError as exc:  # the results stay downloadable; the job says what the PACS did
+                self._finish(job, "failed", error_code=exc.code, error_message=exc.message, artifacts=artifacts,
+                             **details)
+                return
+        self._finish(job, "succeeded", artifacts=artifacts, **details)
+
+    def _push(self, job: Job, case_dir: Path) -> None:
+        """The job's DICOM-SEG (and RTSTRUCT) stored back on the PACS it came from, and listed there."""
+        from pipelines.ingestion.dicomweb import PacsError
+        from pipelines.pacs import pushable
+
+        objects = pushable(case_dir)
+        if not objects:
+            raise PacsError("PACS_REJECTED", "nothing to push: the job wrote no DICOM-SEG or RTSTRUCT")
+        self.store.report_progress(job.id, "push", 1.0)  # the case is written: a cancel now changes nothing
+        server, _ = self._pacs(job.options["pacs"]["name"])
+        server.store(objects)
+        log.info("job %s: pushed %s to PACS %s", job.id, ", ".join(p.name for p in objects),
+                 job.options["pacs"]["name"])
 
     def _progress(self, job: Job) -> Callable[[str, float], None]:
         """The job's progress callback: records stage and progress, and stops the job (``Interrupted``) when the

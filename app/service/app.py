@@ -51,6 +51,9 @@ _MEDIA_TYPES = {".gz": "application/gzip", ".dcm": "application/dicom", ".png": 
                 ".json": "application/json", ".csv": "text/csv"}
 _FORM_FIELDS = ("model", "formats", "seg_type", "series", "tilt", "keep_largest", "steps", "members", "seed")
 _SAMPLING_FIELDS = ("steps", "members", "seed")
+_PACS_FIELDS = ("pacs", "study", "series", "push")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MAX_JSON_BYTES = 64 * 1024
 _UPLOAD_SCHEMA = {
     "requestBody": {
         "required": True,
@@ -72,6 +75,25 @@ _UPLOAD_SCHEMA = {
                                                            "the model's; on a CPU worker its CPU budget)"},
                 "members": {"type": "integer", "description": "sampling families: ensemble members"},
                 "seed": {"type": "integer", "description": "sampling families: the seed (recorded in report.json)"},
+            },
+        }}, "application/json": {"schema": {
+            "type": "object",
+            "required": ["pacs", "study"],
+            "description": "a study (or one series) on a PACS the server is configured with: fetched with DICOMweb, "
+                           "segmented, and with push the DICOM-SEG stored back (STOW-RS)",
+            "properties": {
+                "pacs": {"type": "string", "description": "a PACS name from the server's settings"},
+                "study": {"type": "string", "description": "StudyInstanceUID"},
+                "series": {"type": "string", "description": "SeriesInstanceUID (default: the study's best series)"},
+                "push": {"type": "boolean", "description": "store the DICOM-SEG back on the PACS"},
+                "model": {"type": "string"},
+                "formats": {"type": "string"},
+                "seg_type": {"type": "string", "enum": ["binary", "fractional"]},
+                "tilt": {"type": "string", "enum": ["refuse", "resample"]},
+                "keep_largest": {"type": "boolean"},
+                "steps": {"type": "integer"},
+                "members": {"type": "integer"},
+                "seed": {"type": "integer"},
             },
         }}},
     }
@@ -231,6 +253,17 @@ def _retry_after(state: ServiceState) -> str:
     return str(int(min(max(wait, 1), 3600)))
 
 
+def _queue_full(state: ServiceState) -> ProblemError:
+    return ProblemError(429, "QUEUE_FULL", f"{state.settings.max_queued_jobs} jobs are waiting; try again later",
+                        {"Retry-After": _retry_after(state)})
+
+
+def _accepted(job_id: str) -> JSONResponse:
+    url = f"/v1/jobs/{job_id}"
+    return JSONResponse(schemas.Accepted(id=job_id, url=url, state="queued").model_dump(), status_code=202,
+                        headers={"Location": url})
+
+
 def _store_inputs(state: ServiceState, uploads: list[UploadFile], folder: Path) -> list[str]:
     settings = state.settings
     partial = folder / "input.partial"
@@ -263,10 +296,13 @@ async def create_job(request: Request, owner: Owner) -> JSONResponse:
     state = _state(request)
     settings = state.settings
     if state.store.count_queued() >= settings.max_queued_jobs:  # before reading the body
-        raise ProblemError(429, "QUEUE_FULL", f"{settings.max_queued_jobs} jobs are waiting; try again later",
-                           {"Retry-After": _retry_after(state)})
-    if "multipart/form-data" not in request.headers.get("content-type", ""):
-        raise ProblemError(415, "UNSUPPORTED_MEDIA_TYPE", "send multipart/form-data with one or more 'file' parts")
+        raise _queue_full(state)
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() == "application/json":
+        return await _create_pacs_job(request, state, owner)
+    if "multipart/form-data" not in content_type:
+        raise ProblemError(415, "UNSUPPORTED_MEDIA_TYPE", "send multipart/form-data with one or more 'file' parts, "
+                                                          "or a JSON study reference {\"pacs\": ..., \"study\": ...}")
     form = await request.form(max_files=settings.max_files, max_fields=len(_FORM_FIELDS) + 1)
     try:
         uploads = [part for part in form.getlist("file") if isinstance(part, UploadFile)]
@@ -285,14 +321,77 @@ async def create_job(request: Request, owner: Owner) -> JSONResponse:
             raise
         if not accepted:
             shutil.rmtree(folder, ignore_errors=True)
-            raise ProblemError(429, "QUEUE_FULL", f"{settings.max_queued_jobs} jobs are waiting; try again later",
-                               {"Retry-After": _retry_after(state)})
+            raise _queue_full(state)
     finally:
         await form.close()
     log.info("job %s: queued (model %s, %d file(s))", job_id, model, len(uploads))
-    url = f"/v1/jobs/{job_id}"
-    return JSONResponse(schemas.Accepted(id=job_id, url=url, state="queued").model_dump(), status_code=202,
-                        headers={"Location": url})
+    return _accepted(job_id)
+
+
+def _json_text(value: Any, name: str) -> str:
+    """A JSON member as the form text the upload route checks."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int)):
+        return str(value)
+    raise ProblemError(422, "REQUEST_INVALID", f"'{name}' must be a string, an integer or a boolean")
+
+
+def _uid(data: dict[str, Any], name: str, required: bool) -> str | None:
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or len(value) > 64 or not _UID.match(value):
+        raise ProblemError(422, "REQUEST_INVALID", f"'{name}' must be a DICOM UID (digits and dots, at most 64)")
+    return value
+
+
+def _pacs_reference(state: ServiceState, data: Any) -> dict[str, Any]:
+    """The PACS, study, series and push of a JSON job, checked against the server's settings."""
+    if not isinstance(data, dict):
+        raise ProblemError(422, "REQUEST_INVALID", "the body must be a JSON object")
+    unknown = sorted(set(data) - {*_PACS_FIELDS, *_FORM_FIELDS})
+    if unknown:
+        raise ProblemError(422, "REQUEST_INVALID", f"unknown member(s) {unknown[:8]}; known: "
+                                                   f"{', '.join(sorted({*_PACS_FIELDS, *_FORM_FIELDS}))}")
+    name = data.get("pacs")
+    if not isinstance(name, str) or name not in state.settings.pacs:
+        configured = sorted(state.settings.pacs) or "none"
+        raise ProblemError(422, "PACS_UNKNOWN", f"no PACS named {str(name)[:64]!r} on this server (configured: "
+                                                f"{configured})")
+    push = data.get("push", False)
+    if not isinstance(push, bool):
+        raise ProblemError(422, "REQUEST_INVALID", "'push' must be true or false")
+    return {"name": name, "study": _uid(data, "study", True), "series": _uid(data, "series", False), "push": push}
+
+
+async def _create_pacs_job(request: Request, state: ServiceState, owner: str) -> JSONResponse:
+    """A job by reference: the worker fetches the study from the named PACS, segments it and may push the SEG."""
+    import json
+
+    body = await request.body()
+    if len(body) > _MAX_JSON_BYTES:
+        raise ProblemError(413, "REQUEST_TOO_LARGE", f"a JSON job is at most {_MAX_JSON_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ProblemError(422, "REQUEST_INVALID", "the body is not valid JSON") from None
+    reference = _pacs_reference(state, data)
+    form = {k: _json_text(v, k) for k, v in data.items() if k in _FORM_FIELDS and k != "series" and v is not None}
+    model, options = _job_options(state, form, 1)
+    options["pacs"] = reference
+    if reference["push"] and options["formats"] and "dicom-seg" not in options["formats"]:
+        options["formats"] = sorted({*options["formats"], "dicom-seg"})
+    job_id = uuid.uuid4().hex
+    folder = job_dir(state.settings, job_id)
+    folder.mkdir(parents=True)
+    job = Job(id=job_id, owner=owner, state="queued", model=model, options=options, inputs=[],
+              created_at=time.time())
+    if not await run_in_threadpool(state.store.add_job, job, state.settings.max_queued_jobs):
+        shutil.rmtree(folder, ignore_errors=True)
+        raise _queue_full(state)
+    log.info("job %s: queued (model %s, study by reference from PACS %s)", job_id, model, reference["name"])
+    return _accepted(job_id)
 
 
 @router.get("/jobs", response_model=schemas.JobList, summary="The caller's jobs, newest first",

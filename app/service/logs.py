@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import warnings
 
-NOISY = ("monai", "nibabel", "PIL", "matplotlib", "highdicom", "pydicom", "python_multipart", "multipart")
+NOISY = ("monai", "nibabel", "PIL", "matplotlib", "highdicom", "pydicom", "python_multipart", "multipart",
+         "dicomweb_client")
 
 
 def configure_service_logging(process: str, verbose: bool = False) -> None:

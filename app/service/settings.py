@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from pipelines.errors import UsageError
@@ -24,6 +24,21 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class PacsEndpoint(BaseModel):
+    """A DICOMweb server jobs may name (``{"pacs": NAME, ...}``): configured here, never given by clients, so the
+    service cannot be made to fetch from an arbitrary URL. Credentials never appear in logs or reprs."""
+
+    model_config = {"extra": "forbid"}
+
+    url: str = Field(description="the DICOMweb root, e.g. http://pacs:8042/dicom-web", pattern=r"^https?://")
+    user: str | None = Field(default=None, description="HTTP basic user")
+    password: str | None = Field(default=None, repr=False, description="HTTP basic password")
+    token: str | None = Field(default=None, repr=False, description="bearer token (instead of user and password)")
+    timeout_s: float = Field(default=30.0, gt=0, description="seconds per request")
+    retries: int = Field(default=3, ge=1, description="attempts of a request that failed to connect or got "
+                                                      "408/429/503/504")
 
 
 class ServiceSettings(BaseSettings):
@@ -43,6 +58,9 @@ class ServiceSettings(BaseSettings):
                                      "(extra 'ray'; claims, attempts and results stay in this server's SQLite)")
     ray_address: str | None = Field(default=None, description="the Ray cluster for executor 'ray' (default: "
                                                               "$RAY_ADDRESS, else a Ray started on this machine)")
+    pacs: dict[str, PacsEndpoint] = Field(
+        default_factory=dict, description="DICOMweb servers by name, for jobs by reference (TESSERA_PACS as JSON, "
+                                          "or [pacs.NAME] tables in the config file)")
     max_queued_jobs: int = Field(default=32, ge=1, description="queued jobs beyond which uploads get 429")
     job_timeout_s: float = Field(default=3600.0, gt=0, description="a running job is stopped after this long")
     read_ahead: bool = Field(default=True, description="a worker reads its next job while it predicts the current "
