@@ -25,7 +25,7 @@ import pytest
 
 from app.service.page import CONTENT_SECURITY_POLICY, NIIVUE_BUNDLE, WEB_DIR, results_page
 from models.registry import resolve_model
-from pipelines.phantom_dicom import write_phantom_series
+from pipelines.phantom_dicom import write_hnc_study, write_phantom_series
 from pipelines.phantoms import STRUCTURES, make_phantom
 from pipelines.writers.preview import PALETTE
 from tests.service_helpers import ROOT, Server, cli_env, create_key, post_job, wait_for
@@ -240,6 +240,15 @@ def _save_screenshot(driver: Any) -> None:
     assert SCREENSHOT.stat().st_size < 300_000
 
 
+def _sign_in(driver: Any, server: Server, key: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{server.base_url}/")
+    driver.find_element(By.ID, "api-key").send_keys(key)
+    driver.find_element(By.ID, "key-save").click()
+    _wait(driver, "document.getElementById('model').options.length > 0")
+
+
 def _assert_console_clean(driver: Any) -> None:
     """Nothing the policy refused (an inline script, a fetch elsewhere), and no script error."""
     entries = driver.get_log("browser")
@@ -252,10 +261,7 @@ def test_upload_watch_and_view_in_the_browser(server: Server, key: str, browser:
     from selenium.webdriver.common.by import By
 
     driver = browser
-    driver.get(f"{server.base_url}/")
-    driver.find_element(By.ID, "api-key").send_keys(key)
-    driver.find_element(By.ID, "key-save").click()
-    _wait(driver, "document.getElementById('model').options.length > 0")
+    _sign_in(driver, server, key)
     assert key not in driver.current_url
     assert driver.execute_script("return sessionStorage.getItem('tessera.apiKey')") == key
     assert driver.execute_script("return localStorage.length") == 0
@@ -313,3 +319,45 @@ def test_upload_watch_and_view_in_the_browser(server: Server, key: str, browser:
     _wait(driver, f"!{row} && document.getElementById('viewer').hidden")
     with server.client(key) as client:
         assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def test_the_uncertainty_overlay_in_the_browser(server: Server, key: str, browser: Any, tmp_path: Path) -> None:
+    """A PET + CT study through the shipped diffusion model (2 steps, 2 members): the viewer offers the
+    uncertainty map's channels by the report's names, and showing it colours the canvas."""
+    from selenium.webdriver.common.by import By
+
+    study = tmp_path / "study"
+    write_hnc_study(16, study, uid_seed=11)
+    archive = tmp_path / "petct.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for path in sorted(p for p in study.rglob("*") if p.is_file()):
+            out.write(path, f"study/{path.relative_to(study)}")
+    with server.client(key) as client:
+        response = post_job(client, archive, model="diffusion-hnc-phantom", formats="nifti,stats", steps="2",
+                            members="2", seed="5")
+        assert response.status_code == 202, response.text
+        job = wait_for(client, response.json()["id"])
+        assert job["state"] == "succeeded", job
+        channels = client.get(f"{job['url']}/artifacts/report.json").json()["settings"]["network_runtime"][
+            "uncertainty_channels"]
+    driver = browser
+    _sign_in(driver, server, key)
+    row = f"document.querySelector('#job-rows tr[data-job=\"{job['id']}\"]')"
+    _wait(driver, f"{row}?.dataset.state === 'succeeded'")
+    driver.execute_script(f"[...{row}.querySelectorAll('button')].find(b => b.textContent === 'Open').click()")
+    _wait(driver, "document.getElementById('viewer').dataset.ready === 'true'", timeout=120)
+    assert not driver.find_element(By.ID, "uncertainty-box").get_attribute("hidden")
+    offered = driver.execute_script("return [...document.getElementById('uncertainty-channel').options]"
+                                    ".map(o => o.textContent)")
+    assert offered == channels
+    driver.find_element(By.CSS_SELECTOR, "#views button[data-view='axial']").click()
+    _set_range(driver, "opacity", 0.0)
+    without = _canvas_pixels(driver)
+    driver.find_element(By.ID, "uncertainty-on").click()
+    _set_range(driver, "uncertainty-opacity", 1.0)
+    with_map = _canvas_pixels(driver)
+    coloured = (with_map.max(axis=-1) - with_map.min(axis=-1)) > 40  # the warm colour map, not the grey image
+    assert int(coloured.sum()) > 50 + int(((without.max(axis=-1) - without.min(axis=-1)) > 40).sum())
+    driver.find_element(By.ID, "uncertainty-on").click()
+    assert int((np.abs(_canvas_pixels(driver) - without).max(axis=-1) > 8).sum()) < 20  # hidden again
+    _assert_console_clean(driver)

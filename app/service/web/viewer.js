@@ -110,6 +110,15 @@ function showStatistics(stats) {
   }));
 }
 
+/** The crosshair on the centroid of the largest label (else it stays in the middle of the volume). */
+function focusLargestLabel(stats) {
+  const found = stats.labels.filter((row) => row.voxel_count > 0 && row.centroid_ras_mm);
+  if (found.length === 0) return;
+  const largest = found.reduce((a, b) => (b.voxel_count > a.voxel_count ? b : a));
+  niivue.scene.crosshairPos = niivue.mm2frac(largest.centroid_ras_mm);
+  niivue.drawScene();
+}
+
 function blobUrl(bytes, type) {
   const url = URL.createObjectURL(new Blob([bytes], { type }));
   shown.blobUrls.push(url);
@@ -200,7 +209,9 @@ export async function openViewer(job, fetchApi) {
   showDownloads(job);
   $("stats").hidden = !names.has("stats.json");
   if (names.has("stats.json")) {
-    showStatistics(JSON.parse(new TextDecoder().decode(await artifactBytes(job, "stats.json"))));
+    const stats = JSON.parse(new TextDecoder().decode(await artifactBytes(job, "stats.json")));
+    showStatistics(stats);
+    focusLargestLabel(stats);
   }
   $("preview").hidden = !names.has("preview.png");
   if (names.has("preview.png")) $("preview").src = blobUrl(await artifactBytes(job, "preview.png"), "image/png");
