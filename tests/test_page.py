@@ -7,6 +7,7 @@ The test saves the viewer's screenshot as docs/viewer.png. Skips without Chromiu
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -35,6 +36,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--window-size=1400,1800")
 HOSTILE_NAME = '<img src=x onerror="document.title=\'owned\'">liver'
+HOSTILE_FILE = "<b onclick=alert(1)>phantom</b>.nii.gz"
 SCREENSHOT = ROOT / "docs" / "viewer.png"
 COLOUR_TOLERANCE = 6
 
@@ -240,6 +242,20 @@ def _save_screenshot(driver: Any) -> None:
     assert SCREENSHOT.stat().st_size < 300_000
 
 
+def _chosen_files(driver: Any) -> list[str]:
+    return driver.execute_script("return [...document.querySelectorAll('#chosen-files li')].map(e => e.textContent)")
+
+
+def _drop_file(driver: Any, content: bytes, name: str) -> None:
+    """Drop a file on the drop zone as a user's drag and drop does (a DragEvent carrying a DataTransfer)."""
+    driver.execute_script(
+        "const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));"
+        "const data = new DataTransfer(); data.items.add(new File([bytes], arguments[1]));"
+        "document.getElementById('drop-zone').dispatchEvent("
+        "new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));",
+        base64.b64encode(content).decode(), name)
+
+
 def _sign_in(driver: Any, server: Server, key: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -267,13 +283,18 @@ def test_upload_watch_and_view_in_the_browser(server: Server, key: str, browser:
     assert driver.execute_script("return localStorage.length") == 0
     assert driver.find_element(By.ID, "model").get_attribute("value") == "page-phantom"
 
-    driver.find_element(By.ID, "file-input").send_keys(str(phantom_file))
+    driver.find_element(By.ID, "file-input").send_keys(str(phantom_file))  # the file picker
+    assert _chosen_files(driver) == [f"{phantom_file.name} ({phantom_file.stat().st_size / 2**20:.1f} MB)"]
+    _drop_file(driver, phantom_file.read_bytes(), HOSTILE_FILE)  # what is uploaded: the dropped file
+    assert _chosen_files(driver) == [f"{HOSTILE_FILE} ({phantom_file.stat().st_size / 2**20:.1f} MB)"]
+    assert driver.execute_script("return document.querySelectorAll('#chosen-files img').length") == 0
     _wait(driver, "!document.getElementById('submit').disabled")
     driver.find_element(By.ID, "submit").click()
     job_id = _wait(driver, "document.querySelector('#job-rows tr')?.dataset.job")
     row = f"document.querySelector('#job-rows tr[data-job=\"{job_id}\"]')"
     _wait(driver, f"{row} && {row}.dataset.state === 'succeeded'", timeout=240)
-    assert phantom_file.name in driver.execute_script(f"return {row}.textContent")
+    assert HOSTILE_FILE in driver.execute_script(f"return {row}.textContent")  # as text, not markup
+    assert driver.execute_script(f"return {row}.querySelector('progress').value") == 1
     driver.execute_script(f"[...{row}.querySelectorAll('button')].find(b => b.textContent === 'Open').click()")
     _wait(driver, "document.getElementById('viewer').dataset.ready === 'true'", timeout=120)
 
@@ -360,4 +381,24 @@ def test_the_uncertainty_overlay_in_the_browser(server: Server, key: str, browse
     assert int(coloured.sum()) > 50 + int(((without.max(axis=-1) - without.min(axis=-1)) > 40).sum())
     driver.find_element(By.ID, "uncertainty-on").click()
     assert int((np.abs(_canvas_pixels(driver) - without).max(axis=-1) > 8).sum()) < 20  # hidden again
+    _assert_console_clean(driver)
+
+
+def test_cancel_a_running_job_in_the_browser(server: Server, key: str, browser: Any, tmp_path: Path) -> None:
+    """A long diffusion job (the CPU default of steps and members) cancelled from its row while it runs."""
+    study = tmp_path / "study"
+    write_hnc_study(17, study, uid_seed=12)
+    archive = tmp_path / "petct.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for path in sorted(p for p in study.rglob("*") if p.is_file()):
+            out.write(path, f"study/{path.relative_to(study)}")
+    driver = browser
+    _sign_in(driver, server, key)
+    with server.client(key) as client:
+        job_id = post_job(client, archive, model="diffusion-hnc-phantom", formats="nifti").json()["id"]
+        row = f"document.querySelector('#job-rows tr[data-job=\"{job_id}\"]')"
+        _wait(driver, f"{row}?.dataset.state === 'running'", timeout=120)
+        driver.execute_script(f"[...{row}.querySelectorAll('button')].find(b => b.textContent === 'Cancel').click()")
+        _wait(driver, f"!{row}", timeout=120)  # cancelled, then deleted with its files
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 404
     _assert_console_clean(driver)

@@ -148,6 +148,12 @@ function wireDropZone() {
     zone.classList.remove("over");
     chooseFiles(event.dataTransfer.files);
   });
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      $("file-input").click();
+    }
+  });
   $("file-input").addEventListener("change", (event) => chooseFiles(event.target.files));
 }
 
