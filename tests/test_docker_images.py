@@ -151,6 +151,9 @@ def test_the_service_in_the_image_gives_the_clis_mask_and_survives_docker_stop(
 
     key = docker("exec", service.name, "tessera", "keys", "create", "--data-dir", "/data", "--name", "me")
     key_text = key.stdout.strip().splitlines()[-1]
+    with httpx.Client(base_url=f"http://127.0.0.1:{service.port}", timeout=30) as anonymous:
+        assert anonymous.get("/").status_code == 200  # the results page, with NiiVue's bundle in the image
+        assert anonymous.get("/page/niivue.js").status_code == 200
     case = ROOT / "sample_data" / "imagesTs" / "phantom_020.nii.gz"
     with service.client(key_text) as client:
         job = wait_for(client, post_job(client, case).json()["id"], timeout=600)
