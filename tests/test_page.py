@@ -165,7 +165,10 @@ def _image_matches_mask(client: httpx.Client, job: dict, source: nib.Nifti1Image
 def test_the_input_image_is_served_on_the_masks_grid(server: Server, key: str, phantom_file: Path,
                                                      tmp_path: Path) -> None:
     with server.client(key) as client:
-        job = wait_for(client, post_job(client, phantom_file).json()["id"])
+        job_id = post_job(client, phantom_file).json()["id"]
+        early = client.get(f"/v1/jobs/{job_id}/image")  # queued or running: nothing to show yet
+        assert early.status_code == 409 and early.json()["code"] == "JOB_NOT_SUCCEEDED", early.text
+        job = wait_for(client, job_id)
         assert job["state"] == "succeeded", job
         _image_matches_mask(client, job, nib.load(phantom_file), tmp_path)
         with server.client(None) as anonymous:

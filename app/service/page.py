@@ -84,8 +84,9 @@ async def job_image(request: Request, job_id: str, owner: Owner,
     if job.state != "succeeded":
         raise ProblemError(409, "JOB_NOT_SUCCEEDED", f"the job is {job.state}; its image is served once it succeeded")
     path = await run_in_threadpool(input_image, state.settings, job, channel)
-    return FileResponse(path, media_type="application/gzip", headers={
-        "Content-Disposition": f'attachment; filename="{IMAGE_NAME if channel == 0 else f"image_{channel}.nii.gz"}"'})
+    name = IMAGE_NAME if channel == 0 else f"image_{channel}.nii.gz"
+    return FileResponse(path, media_type="application/gzip",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 def input_image(settings: ServiceSettings, job: Job, channel: int) -> Path:
@@ -110,8 +111,11 @@ def input_image(settings: ServiceSettings, job: Job, channel: int) -> Path:
                          job.id, ReadOptions(series=options.get("series"), tilt=options.get("tilt", "refuse")))
     except TesseraError as exc:  # the job read these inputs before; now they are gone or the model changed
         raise ProblemError(410, exc.code, exc.message) from None
-    folder.mkdir(exist_ok=True)
-    _write_image(case.volume, channel, path)
+    try:
+        folder.mkdir(exist_ok=True)
+        _write_image(case.volume, channel, path)
+    except FileNotFoundError:  # the job was deleted meanwhile
+        raise ProblemError(410, "JOB_EXPIRED", "this job's files are gone") from None
     return path
 
 
