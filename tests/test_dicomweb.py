@@ -161,9 +161,9 @@ def test_a_down_pacs_and_a_wrong_uid_fail_alone_with_their_codes_and_nothing_hal
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [study]  # no folder for the failed references
     assert not list(cache.rglob("*.partial")) and not (cache / "1.2.3.4.5.6.7.8.9").exists()
 
-    refused = _tessera({**env, "TESSERA_DICOMWEB_PASSWORD": "not-the-password-7431"}, "segment", f"{orthanc.dicomweb}/studies/{study}",
-                       "-o", str(tmp_path / "refused"), "--model", "tiny-mr", "--dicomweb-user", USER,
-                       "--dicomweb-cache", str(tmp_path / "cache2"))
+    refused = _tessera({**env, "TESSERA_DICOMWEB_PASSWORD": "not-the-password-7431"}, "segment",
+                       f"{orthanc.dicomweb}/studies/{study}", "-o", str(tmp_path / "refused"), "--model", "tiny-mr",
+                       "--dicomweb-user", USER, "--dicomweb-cache", str(tmp_path / "cache2"))
     assert refused.returncode == 1 and "PACS_REJECTED" in refused.stderr and "7431" not in refused.stderr
 
 
@@ -186,6 +186,8 @@ def test_the_service_fetches_segments_and_pushes_a_study_by_reference(
             assert "seg.dcm" in [a["name"] for a in done["artifacts"]]
             (tmp_path / "seg.dcm").write_bytes(client.get(f"{done['url']}/artifacts/seg.dcm").content)
             (tmp_path / "mask.nii.gz").write_bytes(client.get(f"{done['url']}/artifacts/mask.nii.gz").content)
+            image = client.get(f"{done['url']}/image")  # the results page's viewer reads the fetched study too
+            assert image.status_code == 200, image.text
 
             unknown = client.post("/v1/jobs", json={"pacs": "elsewhere", "study": study})
             assert unknown.status_code == 422 and unknown.json()["code"] == "PACS_UNKNOWN"

@@ -61,6 +61,16 @@ def result_dir(settings: ServiceSettings, job_id: str) -> Path:
     return job_dir(settings, job_id) / "output" / job_id
 
 
+def job_inputs(settings: ServiceSettings, job: Job) -> tuple[Path, ...]:
+    """Where a job's input lies: its uploaded files, or for a job by reference the study (or series) in the
+    server's DICOMweb cache (once its worker has fetched it)."""
+    reference = job.options.get("pacs")
+    if reference:
+        study = settings.data_dir / "dicomweb-cache" / reference["study"]
+        return (study / reference["series"] if reference.get("series") else study,)
+    return tuple(job_dir(settings, job.id) / "input" / name for name in job.inputs)
+
+
 def remove_job_files(settings: ServiceSettings, job_id: str) -> None:
     shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
 
@@ -203,15 +213,14 @@ class _Worker:
         from pipelines.cases import CaseInput
 
         reference = job.options.get("pacs")
-        if not reference:
-            return CaseInput(job.id, tuple(job_dir(self.settings, job.id) / "input" / name for name in job.inputs))
-        from pipelines.ingestion.dicomweb import DicomWebReference
+        if reference:
+            from pipelines.ingestion.dicomweb import DicomWebReference
 
-        progress("fetch", 0.0)
-        server, endpoint = self._pacs(reference["name"])
-        folder = server.fetch(DicomWebReference(endpoint.url.rstrip("/"), reference["study"], reference["series"]),
-                              self.settings.data_dir / "dicomweb-cache")
-        return CaseInput(job.id, (folder,))
+            progress("fetch", 0.0)
+            server, endpoint = self._pacs(reference["name"])
+            server.fetch(DicomWebReference(endpoint.url.rstrip("/"), reference["study"], reference["series"]),
+                         self.settings.data_dir / "dicomweb-cache")
+        return CaseInput(job.id, job_inputs(self.settings, job))
 
     def _pacs(self, name: str) -> tuple[DicomWebServer, PacsEndpoint]:
         from pipelines.ingestion.dicomweb import Credentials, DicomWebServer, PacsError, Transport

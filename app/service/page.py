@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.jobs.store import Job
-from app.jobs.worker import job_dir, result_dir
+from app.jobs.worker import job_dir, job_inputs, result_dir
 from app.service.app import Owner, _own_job, _state
 from app.service.problems import ProblemError, problem_responses
 from app.service.settings import ServiceSettings
@@ -107,7 +107,7 @@ def input_image(settings: ServiceSettings, job: Job, channel: int) -> Path:
         if channel >= len(manifest.channels):
             raise ProblemError(422, "CHANNEL_NOT_FOUND", f"model '{manifest.name}' has {len(manifest.channels)} "
                                                          f"channel(s); channel {channel} does not exist")
-        case = read_case([job_dir(settings, job.id) / "input" / name for name in job.inputs], manifest.channels,
+        case = read_case(list(job_inputs(settings, job)), manifest.channels,
                          job.id, ReadOptions(series=options.get("series"), tilt=options.get("tilt", "refuse")))
     except TesseraError as exc:  # the job read these inputs before; now they are gone or the model changed
         raise ProblemError(410, exc.code, exc.message) from None
