@@ -30,6 +30,7 @@ async function viewerInstance() {
     niivue = new Niivue({
       backColor: [0, 0, 0, 1], dragAndDropEnabled: false, logLevel: "warn", crosshairColor: [1, 1, 1, 0.5],
       isColorbar: false, multiplanarShowRender: 1, loadingText: "",
+      isRadiologicalConvention: true, // as the preview and radiology viewers: the patient's right on the screen's left
     });
     await niivue.attachToCanvas($("gl"));
   }
