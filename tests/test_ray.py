@@ -270,3 +270,17 @@ def test_service_on_ray_requeues_the_job_of_a_lost_node(
         assert "its Ray actor was lost" in server.log_path.read_text()
     finally:
         server.stop()
+
+
+def test_a_cluster_with_gpus_gets_one_actor_per_gpu_with_its_share_of_the_cpus(two_nodes: object) -> None:
+    """GPU resources declared on a node (Ray counts them, it does not look for them): slots follow them."""
+    from app.jobs.ray_cluster import ActorSlot, actor_slots, ray_connection
+
+    gpu_node = two_nodes.add_node(num_cpus=4, num_gpus=2, object_store_memory=STORE_BYTES)  # type: ignore[attr-defined]
+    try:
+        two_nodes.wait_for_nodes()  # type: ignore[attr-defined]
+        with ray_connection(two_nodes.address) as ray:  # type: ignore[attr-defined]
+            slots = actor_slots(ray)
+        assert slots == [ActorSlot(num_cpus=2, num_gpus=1, node_id=gpu_node.node_id)] * 2
+    finally:
+        two_nodes.remove_node(gpu_node)  # type: ignore[attr-defined]

@@ -81,14 +81,16 @@ class ActorSlot:
 
 
 def actor_slots(ray: ModuleType) -> list[ActorSlot]:
-    """One slot per GPU of the cluster; on a cluster without GPUs, one per alive node with CPUs, taking them all
-    (the network's own threads use them: one case per node at a time)."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus:
-        return [ActorSlot(num_cpus=1, num_gpus=1) for _ in range(gpus)]
-    nodes = [node for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1]
+    """One slot per GPU of the cluster, each with its share of its node's CPUs (reading, resampling and writing
+    run there); on a cluster without GPUs, one per alive node with CPUs, taking them all (the network's own threads
+    use them: one case per node at a time)."""
+    nodes = sorted((node for node in ray.nodes() if node.get("Alive")), key=lambda n: n["NodeID"])
+    if any(node["Resources"].get("GPU", 0) >= 1 for node in nodes):
+        return [ActorSlot(num_cpus=max(int(node["Resources"].get("CPU", 0)) // gpus, 1), num_gpus=1,
+                          node_id=node["NodeID"])
+                for node in nodes if (gpus := int(node["Resources"].get("GPU", 0))) for _ in range(gpus)]
     return [ActorSlot(num_cpus=int(node["Resources"]["CPU"]), node_id=node["NodeID"])
-            for node in sorted(nodes, key=lambda n: n["NodeID"])]
+            for node in nodes if node["Resources"].get("CPU", 0) >= 1]
 
 
 def start_actor(ray: ModuleType, slot: ActorSlot) -> Any:
