@@ -29,8 +29,6 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 CA_BUNDLE=${PIP_CA_BUNDLE:-$(pip config get global.cert 2>/dev/null || echo /etc/ssl/certs/ca-certificates.crt)}
-# The engine's own client: BuildKit (secrets) without the buildx plugin.
-DOCKER=${DOCKER:-$(command -v /usr/bin/docker || command -v docker)}
 export DOCKER_BUILDKIT=1
 mkdir -p "$ROOT"
 
@@ -143,6 +141,8 @@ run_checks() {  # run_checks TAG KIND
 }
 
 need_packages
+# The engine's own client (Debian's, once installed): BuildKit (secrets) without the buildx plugin.
+DOCKER=${DOCKER:-$(command -v /usr/bin/docker || command -v docker)}
 start_engine
 build_base
 rm -f "$ROOT/images.jsonl"
