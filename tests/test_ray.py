@@ -185,6 +185,22 @@ def test_without_ray_the_ray_backend_is_a_coded_usage_error(
     assert "BACKEND_UNAVAILABLE" in capsys.readouterr().err
 
 
+def test_an_address_where_no_cluster_listens_is_a_coded_usage_error(
+        tiny_model: ModelManifest, small_phantom_files: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("ray")
+    from tests.service_helpers import free_port
+
+    started = time.monotonic()
+    code = tessera(["segment", str(small_phantom_files["case3"]), "-o", str(tmp_path / "out"), "--model",
+                    str(tiny_model.manifest_path), "--backend", "ray", "--ray-address", f"127.0.0.1:{free_port()}"])
+    assert code == 2 and "RAY_UNREACHABLE" in capsys.readouterr().err
+    assert time.monotonic() - started < 30 and not (tmp_path / "out" / "case3").exists()
+    assert tessera(["serve", "--data-dir", str(tmp_path / "data"), "--executor", "ray", "--concurrency", "1",
+                    "--ray-address", f"127.0.0.1:{free_port()}"]) == 2
+    assert "RAY_UNREACHABLE" in capsys.readouterr().err
+
+
 # --- the service with the Ray executor ------------------------------------------------------------------------
 
 
@@ -253,7 +269,7 @@ def test_service_on_ray_survives_kill_9_of_the_server_mid_job(
         server.stop()
 
 
-def test_service_on_ray_requeues_the_job_of_a_lost_node(
+def test_service_on_ray_requeues_the_job_of_a_lost_node_and_cancels_on_the_cluster(
         two_nodes: object, service_models: Path, big_phantom: Path, tmp_path: Path) -> None:
     server, key = _ray_server(tmp_path, service_models, two_nodes.address)  # type: ignore[attr-defined]
     try:
@@ -266,8 +282,19 @@ def test_service_on_ray_requeues_the_job_of_a_lost_node(
             job = wait_for(client, job_id)
             assert (job["state"], job["attempts"]) == ("succeeded", 2), (job, server.log_tail())
             served = _served_mask(client, job, tmp_path / "served.nii.gz")
+
+            # a cancel (DELETE of a running job) stops the case on the cluster: its actor is killed at once
+            doomed = post_job(client, big_phantom).json()["id"]
+            wait_for(client, doomed, {"running"}, stage="predict")
+            assert client.delete(f"/v1/jobs/{doomed}").status_code == 202
+            deadline = time.monotonic() + 10  # well inside cancel_grace_s (20 s): the worker did it, not the monitor
+            while client.get(f"/v1/jobs/{doomed}").status_code != 404 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.get(f"/v1/jobs/{doomed}").status_code == 404, server.log_tail()
         np.testing.assert_array_equal(served, _cli_mask_on_one_thread(server, big_phantom, tmp_path / "cli"))
-        assert "its Ray actor was lost" in server.log_path.read_text()
+        log_text = server.log_path.read_text()
+        assert "its Ray actor was lost" in log_text and f"job {doomed}: cancelled" in log_text
+        assert "ignored the cancel" not in log_text
     finally:
         server.stop()
 

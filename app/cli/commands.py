@@ -296,9 +296,11 @@ def serve(args: argparse.Namespace) -> int:
                              concurrency=args.concurrency, auth=False if args.no_auth else None,
                              executor=args.executor, ray_address=args.ray_address)
     if settings.executor == "ray":
-        from app.jobs.ray_cluster import import_ray
+        from app.jobs.ray_cluster import check_reachable, import_ray
 
-        import_ray()  # BACKEND_UNAVAILABLE before the server starts
+        import_ray()  # BACKEND_UNAVAILABLE, RAY_UNREACHABLE before the server starts
+        if settings.ray_address:
+            check_reachable(settings.ray_address)
     app = create_app(settings)
     app.state.tessera.lock_data_dir()  # a second server on the same data is a usage error, before uvicorn starts
     log.info("Tessera service on http://%s:%d (docs at /docs)", settings.host, settings.port)

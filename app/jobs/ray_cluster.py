@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -57,6 +58,8 @@ def ray_connection(address: str | None) -> Iterator[ModuleType]:
         yield ray
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry
+    if address:
+        check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -66,6 +69,19 @@ def ray_connection(address: str | None) -> Iterator[ModuleType]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """``RAY_UNREACHABLE`` when nothing listens at a ``HOST:PORT`` address (Ray itself would retry for minutes);
+    other forms (``auto``, ``ray://...``) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UsageError("RAY_UNREACHABLE", f"no Ray cluster at {address}: {exc.strerror or type(exc).__name__} "
+                                            "(the head's address, as `ray start --head` printed it)") from None
 
 
 # --- where actors go ------------------------------------------------------------------------------
