@@ -3,12 +3,12 @@ Ray cluster of ``--nodes`` nodes (``ray.cluster_utils.Cluster``: a head that run
 ``--cpus-per-node`` CPUs, as GPU nodes would be), and the capacity each gives: cases per hour and per CPU-hour.
 
 Both on the folder's cases repeated ``--copies`` times (so that the steady state outweighs the start). Local: as
-``tessera segment`` runs it (one predictor, ``segment_cases`` overlapping read, predict and write) with the torch
-threads of the whole machine: the batch's wall seconds and each case's own. Ray: ``segment_cases_on_ray``: the
-batch's wall seconds (connection, actors and model loading included), the start alone (a first batch of one case
-per actor, timed apart and taken off: ``steady_wall_s``) and each case's seconds on its actor (1 torch thread per
-1-CPU node). Throughput: cases / wall seconds; per CPU-hour: divided by the CPUs used. Each backend ``--repeats`` times,
-alternating; the fastest run of each is kept (all walls listed).
+``tessera segment`` runs it (one predictor, ``segment_cases`` with its default lanes: two cases at once on the
+CPU, each with half the torch threads of the whole machine): the batch's wall seconds and each case's own. Ray:
+``segment_cases_on_ray``: the batch's wall seconds (connection, actors and model loading included), the start
+alone (a first batch of one case per actor, timed apart and taken off: ``steady_wall_s``) and each case's seconds
+on its actor (1 torch thread per 1-CPU node). Throughput: cases / wall seconds; per CPU-hour: divided by the CPUs
+used. Each backend ``--repeats`` times, alternating; the fastest run of each is kept (all walls listed).
 
 On a GPU node, ``--device cuda --nodes 1 --gpus-per-node N --cpus-per-node C`` (C: the node's CPUs) gives the
 per-case seconds of its GPU actors and ``cases_per_gpu_hour`` (the Ray backend runs one case per GPU at a time,
@@ -54,20 +54,22 @@ def copied_cases(folder: Path, copies: int, into: Path) -> list[CaseInput]:
 
 
 def local_run(cases: list[CaseInput], settings: RunSettings, scratch: Path) -> dict[str, Any]:
-    """The local backend as ``tessera segment`` runs it: one predictor, the batch overlapped (``segment_cases``)."""
+    """The local backend as ``tessera segment`` runs it: one predictor, the batch in its default lanes."""
     import torch
 
-    from pipelines.segment import segment_cases
+    from pipelines.segment import default_lanes, segment_cases
 
     began = time.perf_counter()
-    job = settings.case_job(scratch, settings.predictor(), overwrite=True)
-    results = list(segment_cases(cases, job))
+    predictor = settings.predictor()
+    job = settings.case_job(scratch, predictor, overwrite=True)
+    lanes = default_lanes(predictor.device, len(cases))
+    results = list(segment_cases(cases, job, lanes=lanes))
     wall_s = time.perf_counter() - began
     failed = [(r.case_id, r.error_code) for r in results if r.status != "succeeded"]
     assert not failed, failed
     threads = torch.get_num_threads()
     rate = len(results) / wall_s * 3600
-    return {"threads": threads, "batch_cases": len(results), "batch_wall_s": round(wall_s, 2),
+    return {"threads": threads, "lanes": lanes, "batch_cases": len(results), "batch_wall_s": round(wall_s, 2),
             **_case_seconds(results), "cases_per_hour": round(rate, 1),
             "cases_per_cpu_hour": round(rate / threads, 1)}
 

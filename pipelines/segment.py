@@ -23,7 +23,7 @@ import torch
 from pipelines.cases import CaseInput
 from pipelines.errors import TesseraError
 from pipelines.inference import Predictor
-from pipelines.inference.sliding_window import SlabSink
+from pipelines.inference.sliding_window import SlabSink, StitchPlan
 from pipelines.ingestion.reading import CaseVolume, ReadOptions, read_case
 from pipelines.labels_back import SlabLabels
 from pipelines.outputs import DICOM_ONLY_FORMATS, OutputOptions
@@ -69,6 +69,8 @@ class Segmentation:
     warnings: list[str] = field(default_factory=list)
     probabilities: np.ndarray | None = None  # (K, *grid) on the source grid, when asked for
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # a family's extra maps (n, *grid), e.g. uncertainty
+    plan: StitchPlan | None = None  # how the windows were stitched (window-by-window families)
+    runtime: dict[str, Any] = field(default_factory=dict)  # how the prediction was made (kernels, sampler, seeds)
 
 
 def segment_volume(
@@ -120,7 +122,7 @@ def segment_volume(
         raise AssertionError(f"mask shape {labels.shape} != source shape {volume.spatial_shape}")
     kept = on_source.numpy().astype(np.float32) if on_source is not None else None
     return Segmentation(labels=labels, volume=volume, mapping=prepared.mapping, timer=timer, warnings=warnings,
-                        probabilities=kept, maps=maps)
+                        probabilities=kept, maps=maps, plan=prediction.plan, runtime=prediction.details)
 
 
 def _timed_sink(slabs: SlabLabels | None) -> tuple[SlabSink | None, list[float]]:
@@ -235,11 +237,21 @@ def segment_case(
                    read_options=read_options, outputs=outputs).run(case)
 
 
-def segment_cases(cases: Sequence[CaseInput], job: CaseJob, *, overlap: bool = True) -> Iterator[CaseResult]:
-    """Every case of a batch through ``job``, results in order. ``overlap``: the next case is read (and its
-    volume held) and the previous one written while the current one is predicted, on two threads (reading and
-    writing are mostly zlib and numpy, which let go of the GIL): at most three cases in memory, one ahead and one
-    behind. A case that fails, fails alone, as in the sequential loop."""
+def segment_cases(cases: Sequence[CaseInput], job: CaseJob, *, overlap: bool = True,
+                  lanes: int = 1) -> Iterator[CaseResult]:
+    """Every case of a batch through ``job``, results in order; a case that fails, fails alone, as in the
+    sequential loop.
+
+    ``lanes`` > 1: that many cases at once, each read, predicted and written on its own thread, the torch threads
+    shared out among them (on a few CPU cores, two cases on one thread each keep the cores busier than one case on
+    two: a forward's threads wait on each other); at most ``lanes`` cases in memory. Otherwise ``overlap``: the
+    next case is read (and its volume held) and the previous one written while the current one is predicted, on
+    two threads (reading and writing are mostly zlib and numpy, which let go of the GIL): at most three cases in
+    memory, one ahead and one behind.
+    """
+    if lanes > 1 and len(cases) > 1:
+        yield from _in_lanes(cases, job, min(lanes, len(cases)))
+        return
     if not overlap:
         yield from (job.run(case) for case in cases)
         return
@@ -260,6 +272,27 @@ def segment_cases(cases: Sequence[CaseInput], job: CaseJob, *, overlap: bool = T
                 yield run  # type: ignore[misc]
         if behind is not None:
             yield behind.result()
+
+
+def _in_lanes(cases: Sequence[CaseInput], job: CaseJob, lanes: int) -> Iterator[CaseResult]:
+    """``lanes`` cases at a time, each whole on its own thread (queued cases are only paths); the torch threads
+    divided among the lanes for the run and restored after it, also when the caller stops early."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // lanes))  # threads started from here on take the per-lane count
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="tessera-lane")
+    try:
+        for result in [pool.submit(job.run, case) for case in cases]:
+            yield result.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # an early stop lets the running cases finish, starts no more
+        torch.set_num_threads(threads)
+
+
+def default_lanes(device: torch.device, cases: int) -> int:
+    """How many cases a batch predicts at once by default: two on the CPU when torch has at least two threads
+    (each lane then gets half of them; measured on 2 cores by ``bench/whole_case.py``), one on a GPU, where the
+    staged overlap keeps the device busy and a second lane would hold its own activations in the GPU's memory."""
+    return 2 if device.type == "cpu" and cases >= 2 and torch.get_num_threads() >= 2 else 1
 
 
 @dataclass
@@ -340,10 +373,10 @@ class CaseJob:
                                         prepared=run.prepared)
             run.prepared = None
             run.result.warnings[:0] = run.case_volume.warnings
-            if self.predictor.last_plan is not None:
-                run.report["settings"]["stitch_plan"] = asdict(self.predictor.last_plan)
-            if self.predictor.last_runtime:
-                run.report["settings"]["network_runtime"] = self.predictor.last_runtime
+            if run.result.plan is not None:
+                run.report["settings"]["stitch_plan"] = asdict(run.result.plan)
+            if run.result.runtime:
+                run.report["settings"]["network_runtime"] = run.result.runtime
 
     def write(self, run: CaseRun) -> CaseResult:
         """Keep-largest-component, the outputs and the report into the staging folder, renamed into place; the

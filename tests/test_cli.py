@@ -61,6 +61,7 @@ def test_one_corrupt_case_fails_alone(tmp_path, case_folder, tiny_model):
         ("segment", "/no/such/input.nii.gz", "-o", "x"),
         ("segment", "sample_data/imagesTs", "-o", "x", "--model", "no-such-model"),
         ("segment", "sample_data/imagesTs", "-o", "x", "--device", "tpu"),
+        ("segment", "sample_data/imagesTs", "-o", "x", "--lanes", "0"),
         ("segment", "sample_data/imagesTs"),
         ("frobnicate",),
     ],

@@ -111,6 +111,10 @@ def segment(args: argparse.Namespace) -> int:
     from pipelines.pacs import PacsRun, split_inputs
     from pipelines.segment import OutputOptions, RunSettings
 
+    if args.lanes is not None and args.lanes < 1:
+        from pipelines.errors import UsageError
+
+        raise UsageError("BAD_ARGUMENT", f"--lanes takes a number of cases, 1 or more; got {args.lanes}")
     if args.backend == "ray":
         from app.jobs.ray_cluster import import_ray
 
@@ -144,13 +148,14 @@ def segment(args: argparse.Namespace) -> int:
                  args.ray_address or "local", len(cases), output)
         results = segment_cases_on_ray(cases, output, settings, overwrite=args.overwrite, address=args.ray_address)
     else:
-        from pipelines.segment import segment_cases
+        from pipelines.segment import default_lanes, segment_cases
 
         predictor = settings.predictor()
-        log.info("model %s %s on %s; %d case(s) -> %s", manifest.name, manifest.version, predictor.device,
-                 len(cases), output)
+        lanes = 1 if args.no_overlap else args.lanes or default_lanes(predictor.device, len(cases))
+        log.info("model %s %s on %s; %d case(s) -> %s%s", manifest.name, manifest.version, predictor.device,
+                 len(cases), output, f" ({lanes} at a time)" if lanes > 1 else "")
         job = settings.case_job(output, predictor, overwrite=args.overwrite, progress=sys.stderr.isatty())
-        results = segment_cases(cases, job, overlap=not args.no_overlap)
+        results = segment_cases(cases, job, overlap=not args.no_overlap, lanes=lanes)
     counts = _tally(chain(unfetched, pacs.pushed(results)), len(cases) + len(unfetched))
     summary = {"cases": len(cases) + len(unfetched), **counts, "model": manifest.name, "output": str(output)}
     (output / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

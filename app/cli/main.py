@@ -73,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="redo cases that already succeeded")
     seg.add_argument("--no-keep-largest", action="store_true", help="skip keep-largest-component")
     seg.add_argument("--no-overlap", action="store_true",
-                     help="one case at a time (default: the next case is read and the previous one written while "
-                          "one is predicted)")
+                     help="one case at a time, stage after stage (default: cases overlap, see --lanes)")
+    seg.add_argument("--lanes", type=int, default=None,
+                     help="cases predicted at once, each on its own thread with a share of the torch threads "
+                          "(default: 2 on the CPU, 1 on a GPU); with 1 the next case is read and the previous one "
+                          "written while one is predicted")
     seg.add_argument("--amp", action="store_true", help="mixed precision forward on CUDA")
     seg.add_argument("--backend", choices=("local", "ray"), default="local",
                      help="local (default): this machine; ray: cases spread over the actors of a Ray cluster "

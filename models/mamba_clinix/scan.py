@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator
 from enum import Enum
 
@@ -41,15 +42,22 @@ class ScanBackend(str, Enum):
     CUDA = "cuda"
 
 
-# What ran, for the run report: backend name -> number of calls since the last reset.
-_calls: dict[str, int] = {}
+class _Calls(threading.local):
+    """What ran, for the run report: backend name -> number of calls since the last reset, per thread (a batch
+    predicting several cases at once on its own threads reports each case's own)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+
+_CALLS = _Calls()
 
 
 def backends_used(reset: bool = False) -> dict[str, int]:
-    """How often each backend ran since the last reset (the predictor records it in report.json)."""
-    used = dict(_calls)
+    """How often each backend ran on this thread since the last reset (the predictor records it in report.json)."""
+    used = dict(_CALLS.counts)
     if reset:
-        _calls.clear()
+        _CALLS.counts.clear()
     return used
 
 
@@ -114,7 +122,7 @@ def selective_scan(
     if A.dim() != 2 or A.shape[0] != u.shape[1] or A.is_complex():
         raise ValueError(f"A must be real (dim, N) with dim={u.shape[1]}, got {tuple(A.shape)} {A.dtype}")
     chosen = resolve_backend(backend, u.shape[-1], u.is_cuda)
-    _calls[chosen.value] = _calls.get(chosen.value, 0) + 1
+    _CALLS.counts[chosen.value] = _CALLS.counts.get(chosen.value, 0) + 1
     if chosen is ScanBackend.CUDA:
         kernel = cuda_kernel()
         assert kernel is not None  # resolve_backend checked it

@@ -15,7 +15,7 @@ from models.families import checked_sampling, get_family
 from models.manifest import ModelManifest
 from models.networks import load_network
 from pipelines.errors import UsageError
-from pipelines.inference.sliding_window import SlabSink, StitchPlan, sliding_window_inference
+from pipelines.inference.sliding_window import SlabSink, StitchPlan, last_stitch_plan, sliding_window_inference
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,15 @@ class Prediction:
 
     ``probabilities``: (K, *spatial), background first; ``maps``: extra per-voxel maps a family makes, each
     (n, *spatial), e.g. ``uncertainty``; ``details``: what the report should say of how it was made (sampler
-    settings, seeds, forwards); ``warnings``: coded warnings for the case's report.
+    settings, seeds, forwards, which kernels ran); ``plan``: the stitching plan of a window-by-window prediction;
+    ``warnings``: coded warnings for the case's report.
     """
 
     probabilities: torch.Tensor
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    plan: StitchPlan | None = None
 
 
 WindowProgress = bool | Callable[[int, int], None]
@@ -133,7 +135,9 @@ class Predictor:
                     prediction.probabilities = torch.empty(0)
         finally:
             self.network.train(was_training)
-        self.last_runtime = {**family.runtime_info(), **prediction.details}  # e.g. which scan backend ran
+        prediction.details = {**family.runtime_info(), **prediction.details}  # e.g. which scan backend ran
+        # the last call's, for one-thread callers; a batch predicting on several threads reads the prediction's
+        self.last_runtime, self.last_plan = prediction.details, prediction.plan
         return prediction
 
     def probabilities(self, image: torch.Tensor, progress: WindowProgress = False) -> torch.Tensor:
@@ -159,8 +163,7 @@ class Predictor:
             progress=progress,
             slab_sink=slab_sink,
         )
-        self.last_plan = sliding_window_inference.last_plan  # type: ignore[attr-defined]
-        return Prediction(probabilities[0].cpu() if slab_sink is None else probabilities)
+        return Prediction(probabilities[0].cpu() if slab_sink is None else probabilities, plan=last_stitch_plan())
 
     @staticmethod
     def _window_bar():  # type: ignore[no-untyped-def]

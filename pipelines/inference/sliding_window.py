@@ -14,7 +14,11 @@ differs is the stitching:
   volume;
 - a planner decides before the first forward where and in which precision to accumulate, from the
   volume, the class count, the output kind and the memory available; the plan is recorded
-  (``sliding_window_inference.last_plan``), there is no retry-from-scratch.
+  (``sliding_window_inference.last_plan``; :func:`last_stitch_plan` for this thread's last call), there is no
+  retry-from-scratch.
+
+The reused buffers, the weight sums and the last plan are kept per thread: a batch that predicts several cases
+at once on its own threads (lanes) never shares an accumulator.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -168,21 +173,35 @@ class _BufferPool:
         self._buffers.clear()
 
 
-_POOL = _BufferPool()
-_WEIGHT_SUMS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+class _ThreadState(threading.local):
+    """What the engine keeps between calls, one per thread: its buffers, weight sums and last plan."""
+
+    def __init__(self) -> None:
+        self.pool = _BufferPool()
+        self.weight_sums: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.plan: StitchPlan | None = None
+
+
+_THREAD = _ThreadState()
+
+
+def last_stitch_plan() -> StitchPlan | None:
+    """The plan of this thread's last :func:`sliding_window_inference` call."""
+    return _THREAD.plan
 
 
 def _weight_sum(image_size: tuple[int, ...], slices: list[tuple[slice, ...]], weights: torch.Tensor,
                 key: tuple) -> torch.Tensor:
     """The sum of the window weights over one grid, computed once per grid."""
-    cached = _WEIGHT_SUMS.pop(key, None)
+    sums = _THREAD.weight_sums
+    cached = sums.pop(key, None)
     if cached is None:
         cached = torch.zeros(image_size, dtype=torch.float32, device=weights.device)
         for window in slices:
             cached[window] += weights
-        while len(_WEIGHT_SUMS) >= 4:
-            _WEIGHT_SUMS.popitem(last=False)
-    _WEIGHT_SUMS[key] = cached
+        while len(sums) >= 4:
+            sums.popitem(last=False)
+    sums[key] = cached
     return cached
 
 
@@ -308,7 +327,7 @@ def _stitch_one(
             classes = int(logits.shape[1])
             chosen = plan or plan_stitching(size, roi, classes, len(slices), sw_batch_size, output, device,
                                             memory_budget_bytes, accumulate_dtype, slab_sink=sink is not None)
-            sliding_window_inference.last_plan = chosen  # type: ignore[attr-defined]
+            sliding_window_inference.last_plan = _THREAD.plan = chosen  # type: ignore[attr-defined]
             stitcher = _Stitcher(chosen, size, roi, weights, slices, device, key, sink)
         for index, window in enumerate(batch_slices):
             stitcher.add(window, logits[index])
@@ -405,7 +424,7 @@ class _Stitcher:
         self.scratch: dict[str, torch.Tensor] = {}
         if self.centre:
             self.weights = self.weights * FLOAT16_WEIGHT_SCALE
-        self.accumulator = _POOL.zeros(plan.accumulator_shape, dtype, torch.device(plan.device))
+        self.accumulator = _THREAD.pool.zeros(plan.accumulator_shape, dtype, torch.device(plan.device))
         classes = plan.accumulator_shape[0]
         self.labels = None
         if plan.output == "labels":
