@@ -78,11 +78,24 @@ def run_child(command: list[str], repeats: int = 1) -> dict[str, Any]:
             "cores_busy": round(cpus[fastest] / walls[fastest], 2)}
 
 
+def batch_seconds(out: Path) -> float:
+    """The batch alone, after the serial start (imports, model loading): from the run log's line that names the
+    model and the cases to its last line (the tally)."""
+    from datetime import datetime
+
+    lines = (out / "tessera.log").read_text().splitlines()
+    first = next(line for line in lines if " case(s) -> " in line)
+    last = [line for line in lines if " succeeded, " in line][-1]
+    stamp = lambda line: datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")  # noqa: E731
+    return round((stamp(last) - stamp(first)).total_seconds(), 2)
+
+
 def fastest_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Single runs of one command merged as :func:`run_child` merges its repeats."""
     fastest = min(rows, key=lambda row: row["wall_s"])
     return {**fastest, "walls_s": [row["wall_s"] for row in rows],
-            "peak_rss_mib": max(row["peak_rss_mib"] for row in rows)}
+            "peak_rss_mib": max(row["peak_rss_mib"] for row in rows),
+            "batch_s": min(row["batch_s"] for row in rows), "batches_s": [row["batch_s"] for row in rows]}
 
 
 def write_case(folder: Path, seed: int, scale: float) -> Path:
@@ -220,10 +233,14 @@ def main() -> None:
             rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
             for _ in range(args.repeats):  # alternated, so that the machine's noise falls on all three alike
                 for mode, extra in modes.items():
-                    rounds[mode].append(tessera(folder, work / f"out_{mode}", args.device, True, extra))
+                    out = work / f"out_{mode}"
+                    shutil.rmtree(out, ignore_errors=True)  # a fresh run log each round
+                    rounds[mode].append({**tessera(folder, out, args.device, True, extra),
+                                         "batch_s": batch_seconds(out)})
             runs: dict[str, Any] = {mode: fastest_of(rows) for mode, rows in rounds.items()}
-            for mode in ("staged", "lanes"):
+            for mode in ("staged", "lanes"):  # whole processes, and the batches alone (after the serial start)
                 runs[f"{mode}_throughput_ratio"] = round(runs["sequential"]["wall_s"] / runs[mode]["wall_s"], 3)
+                runs[f"{mode}_batch_ratio"] = round(runs["sequential"]["batch_s"] / runs[mode]["batch_s"], 3)
             names = [p.name.removesuffix(".nii.gz") for p in sorted(folder.iterdir())]
             runs["masks_equal"] = all(np.array_equal(labels_of(work / "out_sequential" / c / "mask.nii.gz"),
                                                      labels_of(work / f"out_{mode}" / c / "mask.nii.gz"))
