@@ -157,7 +157,7 @@ def main() -> None:
         "cases": args.cases, "device": args.device,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_before": load_before,
                     "load_average_after": os.getloadavg(),
-                    "note": "shared machine: a niced training job and image builds ran beside this"},
+                    "note": "a shared machine: the load averages say how busy it was around the run"},
         "local": local,
         "ray": ray,
         "ray_vs_local_throughput": round(ray["cases_per_hour"] / local["cases_per_hour"], 3),
