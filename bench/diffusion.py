@@ -54,7 +54,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     truth = read_nifti(TRUTH).array.astype(np.uint8)
     scores = score_case(result.labels, truth, manifest.label_names(), volume.spacing)
-    runtime = predictor.last_runtime
+    runtime = result.runtime
     sampler = runtime["sampler"]
     row = {
         "benchmark": "diffusion family: one PET/CT case through segment_volume",

@@ -62,6 +62,39 @@ def test_overlapped_batch_and_lanes_equal_the_sequential_loop(tmp_path, small_ph
         assert not list((tmp_path / mode).glob(".*.partial"))
 
 
+def test_overlapped_batch_reads_ahead_and_writes_behind(tmp_path, small_phantom_files, tiny_model, monkeypatch):
+    """The next case is read while one computes, and at most one case is read ahead of the one computing."""
+    folder = _folder(tmp_path, small_phantom_files)
+    cases = discover_cases([str(folder)], channels=1)
+    job = CaseJob(tmp_path / "out", Predictor(load_manifest(tiny_model.manifest_path), device="cpu"))
+    events: list[tuple[str, str, str]] = []
+    lock = threading.Lock()
+
+    def traced(stage, method):
+        def call(arg):
+            name = arg.case_id if stage == "read" else arg.case.case_id
+            with lock:
+                events.append(("start", stage, name))
+            out = method(arg)
+            with lock:
+                events.append(("end", stage, name))
+            return out
+        return call
+
+    for stage in ("read", "compute", "write"):
+        monkeypatch.setattr(job, stage, traced(stage, getattr(job, stage)))
+    statuses = [r.status for r in segment_cases(cases, job)]
+    assert statuses.count("succeeded") == 3
+    order = [c.case_id for c in cases]
+    for index, name in enumerate(order[:-1]):  # read of the next case starts before this one's compute ends
+        if name == "broken":  # (nothing to compute: its read failed)
+            continue
+        assert events.index(("start", "read", order[index + 1])) < events.index(("end", "compute", name))
+    for index, name in enumerate(order):  # never two cases read ahead: case i+2's read waits for i's compute
+        if index + 2 < len(order):
+            assert events.index(("start", "read", order[index + 2])) > events.index(("start", "compute", name))
+
+
 def test_lanes_run_two_cases_at_once_never_more(tmp_path, small_phantom_files, tiny_model, monkeypatch):
     """Two lanes: two cases in flight at once (each on its own thread, one torch thread each on two), never three;
     a caller that stops early starts no further case."""
@@ -97,6 +130,7 @@ def test_lanes_run_two_cases_at_once_never_more(tmp_path, small_phantom_files, t
     # stopping early: the first case runs at once, the others wait until the caller has its first result and has
     # stopped; the second lane's case and the next are then in flight, the last one never starts
     late = CaseJob(tmp_path / "early", job.predictor)
+    run_late = late.run
     started.clear()
     stopped = threading.Event()
 
@@ -105,7 +139,7 @@ def test_lanes_run_two_cases_at_once_never_more(tmp_path, small_phantom_files, t
             started.append(case.case_id)
         if case is not cases[0]:
             assert stopped.wait(30)
-        return late.__class__.run(late, case)
+        return run_late(case)
 
     monkeypatch.setattr(late, "run", waits_after_first)
     batch = segment_cases(cases, late, lanes=2)

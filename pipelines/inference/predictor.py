@@ -79,8 +79,6 @@ class Predictor:
         self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
         self.sampling: dict[str, int] = checked_sampling(get_family(manifest.family), manifest.name,
                                                          manifest.network, sampling or {})
-        self.last_plan: StitchPlan | None = None
-        self.last_runtime: dict[str, Any] = {}
 
     @classmethod
     def default_cpu(cls) -> Predictor:
@@ -136,8 +134,6 @@ class Predictor:
         finally:
             self.network.train(was_training)
         prediction.details = {**family.runtime_info(), **prediction.details}  # e.g. which scan backend ran
-        # the last call's, for one-thread callers; a batch predicting on several threads reads the prediction's
-        self.last_runtime, self.last_plan = prediction.details, prediction.plan
         return prediction
 
     def probabilities(self, image: torch.Tensor, progress: WindowProgress = False) -> torch.Tensor:
