@@ -15,7 +15,7 @@ Test cases: the committed held-out phantoms (sample_data/hnc/imagesTs) and fresh
 training never saw). Mean Dice over GTVp and GTVn per row; for the sampling rows the uncertainty AUROC (wrong vs
 right voxels, pooled over the test cases). Prints JSON.
 
-    python bench/hnc_models.py [--fresh 4] [--rows all] [--output bench/results/hnc_models_cpu-2core.json]
+    python bench/hnc_models.py [--fresh 4] [--rows all] [--steps 50 --members 5] [--output FILE.json]
 """
 
 from __future__ import annotations
@@ -107,8 +107,11 @@ def train_like(demo: dict[str, Any], dataset: Path, out: Path, family: str, name
     return out / "manifest.json", time.perf_counter() - started
 
 
-def score(manifest_path: Path, cases: list[CaseInput], truth: Path, out: Path) -> dict[str, Any]:
+def score(manifest_path: Path, cases: list[CaseInput], truth: Path, out: Path,
+          sampling: dict[str, int] | None = None) -> dict[str, Any]:
     predictor = Predictor(load_manifest(manifest_path), device="cpu")
+    if sampling:
+        predictor = predictor.with_sampling(sampling)
     started = time.perf_counter()
     for case in cases:
         result = segment_case(case, out, predictor, overwrite=True, outputs=OutputOptions(frozenset({"nifti"})))
@@ -145,9 +148,13 @@ def main() -> None:
     parser.add_argument("--ablation-iterations", type=int, default=600)
     parser.add_argument("--fresh", type=int, default=4, help="freshly generated test phantoms (besides the 4 kept)")
     parser.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROWS)}")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling rows: DDIM steps (default: the model's CPU budget), e.g. 50 for its GPU default")
+    parser.add_argument("--members", type=int, default=None, help="sampling rows: ensemble members (as --steps)")
     parser.add_argument("--work", default=None, help="keep datasets, models and masks here (default: a temp dir)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    sampling = {key: value for key, value in (("steps", args.steps), ("members", args.members)) if value}
     rows = ROWS if args.rows == "all" else tuple(r.strip() for r in args.rows.split(","))
     demo_dir = Path(args.demo)
     demo = json.loads((demo_dir / "manifest.json").read_text())
@@ -183,13 +190,15 @@ def main() -> None:
                 entry["training_seconds"] = round(seconds, 1)
             for split, dataset in datasets.items():
                 cases, truth = test_cases(dataset)
-                entry[split] = score(manifest_path, cases, truth, work / "masks" / row.replace(" ", "_") / split)
+                entry[split] = score(manifest_path, cases, truth, work / "masks" / row.replace(" ", "_") / split,
+                                     sampling if family == "diffusion" else None)
             results[row] = entry
             print(json.dumps({row: entry}), file=sys.stderr)
     emit({
         "benchmark": "hnc_models",
         "demo": demo["name"],
         "recipe": demo["training"]["config"],
+        "sampling": sampling or "the model's CPU budget",
         "test_cases": {"kept": "sample_data/hnc/imagesTs (4)",
                        "fresh": f"{args.fresh} phantoms of seeds {FRESH_FIRST_SEED}+ (never seen in training)"},
         "rows": results,
