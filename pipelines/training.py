@@ -282,6 +282,7 @@ def train(
         "loss": loss_name,
         "recipe": recipe.__dict__,
         "seconds": round(time.perf_counter() - started, 1),
+        "initialised_from": _initial_weights_record(config.init_weights),
         "torch": torch.__version__,
         "monai": monai.__version__,
         "platform": platform.platform(),
@@ -289,6 +290,22 @@ def train(
     (out / "manifest.json").write_text(json.dumps(manifest_data, indent=2) + "\n")
     (out / "training_log.json").write_text(json.dumps(log_rows, indent=1) + "\n")
     return manifest_from_dict(manifest_data, manifest_path=out / "manifest.json")
+
+
+def _initial_weights_record(init_weights: str | None) -> dict[str, Any] | None:
+    """Where a fine-tuned model started: the initial weights' digest and, when a manifest lies beside them, how
+    those were trained (so a model trained in stages keeps its whole history)."""
+    if not init_weights:
+        return None
+    path = Path(init_weights)
+    record: dict[str, Any] = {"weights": path.name, "weights_sha256": file_sha256(path)}
+    beside = path.parent / "manifest.json"
+    if beside.is_file():
+        previous = json.loads(beside.read_text())
+        if previous.get("weights", {}).get("sha256") == record["weights_sha256"]:
+            record["model"] = f"{previous.get('name')} {previous.get('version')}"
+            record["training"] = previous.get("training")
+    return record
 
 
 def _optimiser(
