@@ -12,7 +12,7 @@ import pytest
 
 from app.jobs.keys import authenticate, create_key, hash_key
 from app.jobs.store import Job, JobStore
-from app.jobs.worker import WorkerPool, _Worker, result_dir
+from app.jobs.worker import WorkerPool, _Worker, dicomweb_cache, result_dir
 from app.service.settings import ServiceSettings, load_settings
 from app.service.uploads import sniff
 from pipelines.errors import InputError, UsageError
@@ -202,3 +202,28 @@ def test_a_job_read_ahead_is_charged_an_attempt_only_once_it_is_predicted(tmp_pa
     assert again is not None
     store.count_attempt(again.id)
     assert store.get(again.id).attempts == 1  # type: ignore[union-attr]
+
+
+def test_retention_deletes_cached_studies_no_kept_job_was_made_from(tmp_path: Path, service_models: Path) -> None:
+    settings = _settings(tmp_path, service_models, retention_hours=1.0)
+    store = JobStore(settings.database)
+    cache = dicomweb_cache(settings)
+    for study, series in (("1.2.3", "1.2.3.1"), ("1.2.4", "1.2.4.1"), ("9.9.9", "9.9.9.1")):
+        (cache / study / series).mkdir(parents=True)
+        (cache / study / series / f"{series}.1.dcm").write_bytes(b"DICM")
+    for job_id, study in (("a" * 32, "1.2.3"), ("b" * 32, "1.2.4")):
+        job = _job(job_id, inputs=[])
+        job.options = {"pacs": {"name": "orthanc", "study": study, "series": None}}
+        store.add_job(job, max_queued=10)
+    store.add_job(_job("c" * 32), max_queued=10)  # an upload: no study
+    pool = WorkerPool(settings, store)
+    assert pool.sweep_expired() == 0
+    assert sorted(p.name for p in cache.iterdir()) == ["1.2.3", "1.2.4"]  # 9.9.9: no job was made from it
+    claimed = store.claim_next(0)
+    assert claimed is not None and claimed.id == "a" * 32
+    store.finish(claimed.id, "succeeded")
+    with store._transaction() as db:
+        db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (time.time() - 2 * 3600, claimed.id))
+    assert pool.sweep_expired() == 1  # job a's files go, and with them the study only it was made from
+    assert [p.name for p in cache.iterdir()] == ["1.2.4"]  # job b (queued) still needs its study
+    assert (cache / "1.2.4" / "1.2.4.1" / "1.2.4.1.1.dcm").is_file()

@@ -320,6 +320,14 @@ class JobStore:
                               (finished_before,)).fetchall()
         return [row[0] for row in rows]
 
+    def studies_in_use(self) -> set[str]:
+        """The DICOMweb studies that jobs whose files are kept (queued, running, or finished within retention) were
+        made from: their inputs lie in the server's DICOMweb cache."""
+        with self._connect() as db:
+            rows = db.execute("SELECT DISTINCT json_extract(options, '$.pacs.study') FROM jobs WHERE purged_at IS NULL "
+                              "AND json_extract(options, '$.pacs.study') IS NOT NULL").fetchall()
+        return {str(row[0]) for row in rows}
+
     def mark_purged(self, job_id: str) -> None:
         with self._transaction() as db:
             db.execute("UPDATE jobs SET purged_at = ?, artifacts = '[]' WHERE id = ?", (time.time(), job_id))

@@ -61,18 +61,37 @@ def result_dir(settings: ServiceSettings, job_id: str) -> Path:
     return job_dir(settings, job_id) / "output" / job_id
 
 
+def dicomweb_cache(settings: ServiceSettings) -> Path:
+    """Where jobs by reference find their studies: ``<study UID>/<series UID>/<SOP Instance UID>.dcm``."""
+    return settings.data_dir / "dicomweb-cache"
+
+
 def job_inputs(settings: ServiceSettings, job: Job) -> tuple[Path, ...]:
     """Where a job's input lies: its uploaded files, or for a job by reference the study (or series) in the
     server's DICOMweb cache (once its worker has fetched it)."""
     reference = job.options.get("pacs")
     if reference:
-        study = settings.data_dir / "dicomweb-cache" / reference["study"]
+        study = dicomweb_cache(settings) / reference["study"]
         return (study / reference["series"] if reference.get("series") else study,)
     return tuple(job_dir(settings, job.id) / "input" / name for name in job.inputs)
 
 
 def remove_job_files(settings: ServiceSettings, job_id: str) -> None:
     shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
+
+
+def prune_dicomweb_cache(settings: ServiceSettings, store: JobStore) -> int:
+    """Delete the cached studies that no job whose files are kept was made from; how many went. The folders are
+    listed before the jobs are asked, so a study fetched for a job created meanwhile is not among them."""
+    cache = dicomweb_cache(settings)
+    studies = [folder for folder in cache.iterdir() if folder.is_dir()] if cache.is_dir() else []
+    if not studies:
+        return 0
+    in_use = store.studies_in_use()
+    unused = [folder for folder in studies if folder.name not in in_use]
+    for folder in unused:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(unused)
 
 
 def slot_device(settings: ServiceSettings, slot: int) -> str:
@@ -219,7 +238,7 @@ class _Worker:
             progress("fetch", 0.0)
             server, endpoint = self._pacs(reference["name"])
             server.fetch(DicomWebReference(endpoint.url.rstrip("/"), reference["study"], reference["series"]),
-                         self.settings.data_dir / "dicomweb-cache")
+                         dicomweb_cache(self.settings))
         return CaseInput(job.id, job_inputs(self.settings, job))
 
     def _pacs(self, name: str) -> tuple[DicomWebServer, PacsEndpoint]:
@@ -516,6 +535,9 @@ class WorkerPool:
             self.store.mark_purged(job_id)
         if expired:
             log.info("retention: deleted the files of %d job(s)", len(expired))
+        pruned = prune_dicomweb_cache(self.settings, self.store)
+        if pruned:
+            log.info("retention: deleted %d cached DICOMweb study(ies) no kept job was made from", pruned)
         return len(expired)
 
 
