@@ -164,7 +164,7 @@ def main() -> None:
         fresh = write_hnc_dataset(work / "fresh_pet_ct", n_train=0, n_test=args.fresh, first_seed=FRESH_FIRST_SEED)
         training = write_hnc_dataset(work / "train_pet_ct", n_train=TRAIN_CASES, n_test=0,
                                      first_seed=TRAIN_FIRST_SEED) if set(rows) - {"demo"} else work / "unused"
-        pet_ct = {"kept": SAMPLE, "fresh": fresh}
+        pet_ct = {"kept": SAMPLE, "fresh": fresh} if args.fresh > 0 else {"kept": SAMPLE}
         results: dict[str, Any] = {}
         for row in rows:
             family, channels = row.split(" ") if row != "demo" else ("diffusion", "PET+CT")
