@@ -52,6 +52,9 @@ class InferenceSpec:
     overlap: float = 0.25
     mode: str = "gaussian"
     sw_batch_size: int = 2
+    # test-time mirroring along these model-grid axes (RAS: 0 = left-right): window families average each window's
+    # output over every combination of flips, families that sample mirror the image for alternate ensemble members
+    mirror_axes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -151,9 +154,13 @@ def manifest_from_dict(data: dict[str, Any], manifest_path: Path | None = None) 
         overlap=float(inf.get("overlap", 0.25)),
         mode=str(inf.get("mode", "gaussian")),
         sw_batch_size=int(inf.get("sw_batch_size", 2)),
+        mirror_axes=tuple(int(a) for a in inf.get("mirror_axes", ())),
     )
     if not 0.0 <= inference.overlap < 1.0:
         raise ModelError("MANIFEST_INVALID", f"{where}: overlap must be in [0, 1), got {inference.overlap}")
+    if not set(inference.mirror_axes) <= {0, 1, 2} or len(set(inference.mirror_axes)) != len(inference.mirror_axes):
+        raise ModelError("MANIFEST_INVALID", f"{where}: mirror_axes must be distinct axes among 0, 1, 2, got "
+                                             f"{list(inference.mirror_axes)}")
     weights = WeightsSpec(**_require(data, "weights", where))
     return ModelManifest(
         name=str(_require(data, "name", where)),

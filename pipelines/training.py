@@ -29,6 +29,7 @@ from monai.transforms import (
     LoadImaged,
     RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
+    RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
     SpatialPadd,
@@ -80,6 +81,9 @@ class TrainingConfig:
     recipe: str = "default"  # "default": AdamW + one-cycle at learning_rate; "reference": the family's paper recipe
     keep_largest: list[int] | None = None  # labels kept as their largest component at inference; None: all
     crop_centres: str = "foreground"  # "foreground": 2 of 3 crops on any structure; "classes": equal per class
+    # model-grid axes (RAS: 0 = left-right) along which the anatomy is symmetric: crops flipped along each at random
+    # in training, and the model mirrors at inference (manifest inference.mirror_axes)
+    mirror_axes: tuple[int, ...] = ()
 
     def training_recipe(self, family: Family) -> TrainingRecipe:
         if self.recipe == "default":
@@ -147,7 +151,8 @@ def _manifest_for(config: TrainingConfig, dataset: MsdDataset, colors: dict[int,
         "network": network,
         "preprocessing": {"orientation": "RAS", "spacing": list(config.spacing) if config.spacing else None,
                           "intensity": config.intensity},
-        "inference": {"roi_size": list(config.roi_size), "overlap": 0.25, "mode": "gaussian", "sw_batch_size": 2},
+        "inference": {"roi_size": list(config.roi_size), "overlap": 0.25, "mode": "gaussian", "sw_batch_size": 2,
+                      "mirror_axes": sorted(config.mirror_axes)},
         "keep_largest_component": sorted(dataset.labels) if config.keep_largest is None else config.keep_largest,
         "weights": {"path": "model.pt", "sha256": None},
     }
@@ -183,6 +188,7 @@ def _loader(manifest: ModelManifest, cases: list[dict[str, Any]], config: Traini
     ])
     random = Compose([
         _random_crop(keys, config, len(manifest.labels)),
+        *[RandFlipd(keys=keys, spatial_axis=axis, prob=0.5) for axis in config.mirror_axes],
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
     ])

@@ -86,6 +86,49 @@ def test_identical_members_give_zero_uncertainty_and_the_seed_reproduces_bit_for
     assert float(first.std.max()) > 0  # different noise per member: a spread
 
 
+def test_mirrored_members_see_the_flipped_image_and_come_back_unflipped():
+    """Test-time mirroring inside the ensemble: an exact denoiser that reads the answer from the image (so it follows
+    any flip) still recovers the mask exactly; one that ignores the image and always answers the same mask shows that
+    every second member worked in the mirrored frame: its sample comes back as the mirror image of that mask."""
+    mask = _known_mask()
+    settings = SamplerSettings(steps=6, members=4, prediction_type="sample", seed=2)
+    plan = WindowPlan((16, 16, 16), overlap=0.25, mirror_axes=(0,))
+    result = sample_masks(_exact_denoiser(settings), mask, 2, plan, settings)
+    torch.testing.assert_close(result.mean, mask, atol=1e-4, rtol=0)
+    assert float(result.std.max()) < 1e-4
+
+    fixed = 2 * mask - 1
+
+    def answers_the_same_mask(batch: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return fixed[None].expand(batch.shape[0], -1, -1, -1, -1)  # whole-volume window: exact, seen in its frame
+
+    whole = WindowPlan(SHAPE, overlap=0.0, mirror_axes=(0,))
+    fixed_result = sample_masks(answers_the_same_mask, mask, 2, whole, settings)
+    mirrored = mask.flip(1)
+    for m in range(4):
+        torch.testing.assert_close(fixed_result.members[m], mask if m % 2 == 0 else mirrored, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fixed_result.mean, (mask + mirrored) / 2, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fixed_result.std, (mask - mirrored).abs() / 2, atol=1e-4, rtol=0)
+    # two axes: the identity, each axis alone and both, member by member
+    both = sample_masks(answers_the_same_mask, mask, 2, WindowPlan(SHAPE, overlap=0.0, mirror_axes=(2, 0)),
+                        SamplerSettings(steps=2, members=4, prediction_type="sample"))
+    for m, dims in enumerate([(), (1,), (3,), (1, 3)]):
+        torch.testing.assert_close(both.members[m], mask.flip(dims) if dims else mask, atol=1e-4, rtol=0)
+
+
+def test_mirroring_off_leaves_the_samples_unchanged():
+    """Mirroring is opt-in: without mirror_axes a sampled result is what it was before (bit for bit)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 2, 3, padding=1)
+    settings = SamplerSettings(steps=3, members=2, seed=4)
+    mask = _known_mask()
+    with torch.no_grad():
+        plain = sample_masks(lambda b, t: conv(b), mask, 2, WindowPlan((16, 16, 16)), settings)
+        mirrored = sample_masks(lambda b, t: conv(b), mask, 2, WindowPlan((16, 16, 16), mirror_axes=(0,)), settings)
+    assert torch.equal(plain.members[0], mirrored.members[0])  # member 0 is never mirrored
+    assert not torch.equal(plain.members[1], mirrored.members[1])
+
+
 def test_one_window_equals_monai_diffusion_inferer():
     """With the whole volume in one window our loop is MONAI's DDIM sampler (DiffusionInferer, mode concat)."""
     torch.manual_seed(0)

@@ -47,6 +47,8 @@ def test_default_model_manifest_is_complete():
         ({"inference": {"overlap": 1.0}}, "overlap must be in [0, 1), got 1.0"),
         ({"inference": {"roi_size": [96, 96]}}, "roi_size must be a number or 3 numbers"),
         ({"preprocessing": {"intensity": {"kind": "magic"}}}, "intensity.kind must be"),
+        ({"inference": {"mirror_axes": [0, 3]}}, "mirror_axes must be distinct axes among 0, 1, 2, got [0, 3]"),
+        ({"inference": {"mirror_axes": [1, 1]}}, "mirror_axes must be distinct axes"),
     ],
 )
 def test_invalid_manifests_are_refused_with_a_reason(change, fragment):

@@ -137,6 +137,27 @@ def test_mirroring_averages_flipped_predictions(network):
     torch.testing.assert_close(mirrored, (plain + flipped) / 2, atol=1e-5, rtol=0)
 
 
+def test_a_manifests_mirror_axes_reach_the_engine(tiny_model):
+    """inference.mirror_axes in a window family's manifest: the predictor's probabilities are the engine's mirrored
+    ones (the mean over the flips), not the plain ones."""
+    from dataclasses import replace
+
+    from pipelines.inference import Predictor
+
+    mirrored_manifest = replace(tiny_model, inference=replace(tiny_model.inference, mirror_axes=(0,)))
+    plain, mirrored = Predictor(tiny_model, device="cpu"), Predictor(mirrored_manifest, device="cpu")
+    assert mirrored.window.mirror_axes == (0,)
+    torch.manual_seed(1)
+    image = torch.randn(1, 40, 36, 30)
+    with torch.no_grad():
+        expected = sliding_window_inference(image[None], mirrored.window.roi_size, 2, mirrored.network,
+                                            output="probabilities", mirror_axes=(0,))[0]
+        got = mirrored.window_prediction(image, None).probabilities
+        unmirrored = plain.window_prediction(image, None).probabilities
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(got, unmirrored, atol=1e-4)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"overlap": 1.0}, "overlap must be in [0, 1), got 1.0"),
     ({"mode": "cubic"}, "mode must be one of"),

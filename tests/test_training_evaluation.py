@@ -132,6 +132,7 @@ def test_train_the_mamba_clinix_family_with_its_reference_recipe(tmp_path, tiny_
     (["--recipe", "reference"], 2, "BAD_RECIPE"),
     (["--keep-largest", "9"], 2, "keep-largest labels [9]"),
     (["--keep-largest", "liver"], 2, "BAD_ARGUMENT"),
+    (["--mirror-axes", "0,3"], 2, "distinct axes among 0,1,2"),
 ])
 def test_impossible_training_settings_fail_before_training(tmp_path, tiny_dataset, args, code, words):
     run = tessera("train", str(tiny_dataset), "-o", str(tmp_path / "m"), "--name", "x", "--iterations", "1", *args)
@@ -148,10 +149,11 @@ def test_train_and_segment_with_the_diffusion_family(tmp_path, tiny_dataset):
                   "--unet-channels", "8,16", "--prediction", "sample", "--sampling-steps", "2", "--members", "2",
                   "--iterations", "2", "--validate-every", "2", "--validation-cases", "1", "--crop", "32",
                   "--roi", "32", "--spacing", "5", "--device", "cpu", "--keep-largest", "1,5",
-                  "--attention-levels", "0,1")
+                  "--attention-levels", "0,1", "--mirror-axes", "0")
     assert run.returncode == 0, run.stderr
     manifest = load_manifest(out / "manifest.json")
     assert manifest.family == "diffusion" and manifest.network["prediction_type"] == "sample"
+    assert manifest.inference.mirror_axes == (0,) and manifest.training["config"]["mirror_axes"] == [0]
     assert manifest.network["attention_levels"] == [False, True]
     assert json.loads((out / "manifest.json").read_text())["keep_largest_component"] == [1, 5]
     source = tiny_dataset / "imagesTr" / "p0.nii.gz"
@@ -166,6 +168,7 @@ def test_train_and_segment_with_the_diffusion_family(tmp_path, tiny_dataset):
     report = json.loads((case / "report.json").read_text())
     runtime = report["settings"]["network_runtime"]
     assert runtime["sampler"]["steps"] == 2 and runtime["sampler"]["members"] == 2 and runtime["forwards"] > 0
+    assert runtime["mirror_axes"] == [0]  # the second member saw the image mirrored left-right
     assert runtime["uncertainty_channels"][0] == "std_liver"
     assert "uncertainty.nii.gz" in report["outputs"]
     stats = json.loads((case / "stats.json").read_text())["labels"]

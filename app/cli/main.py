@@ -38,6 +38,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
+def _mirror_axes(text: str) -> tuple[int, ...]:
+    """``none`` -> (), ``0`` or ``0,1`` -> model-grid axes (each 0, 1 or 2, once)."""
+    if text.strip().lower() == "none":
+        return ()
+    axes = tuple(_int_list(text))
+    if not set(axes) <= {0, 1, 2} or len(set(axes)) != len(axes):
+        raise argparse.ArgumentTypeError(f"expected none or distinct axes among 0,1,2, got {text!r}")
+    return axes
+
+
 def _add_dicom_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("DICOM input")
     group.add_argument("--series", default=None, help="use this SeriesInstanceUID or SeriesNumber")
@@ -158,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--crop-centres", choices=("foreground", "classes"), default="foreground",
                      help="foreground (default): 2 of 3 crops centred on any structure; classes: on each label and "
                           "the background equally often (small structures seen as often as large ones)")
+    trn.add_argument("--mirror-axes", type=_mirror_axes, default=(),
+                     help="model-grid axes (RAS: 0 = left-right) along which the anatomy is symmetric, e.g. 0: "
+                          "training crops are flipped along them at random and the model mirrors at inference "
+                          "(window families average the flips, 2x per axis; sampling families mirror alternate "
+                          "ensemble members, at no cost); default none")
     trn.add_argument("--init", default=None, help="start from this checkpoint (same network settings)")
     trn.add_argument("--save-fp16", action="store_true", help="store the weights as float16 (half the size)")
     trn.add_argument("--device", default="auto")

@@ -55,7 +55,8 @@ def predict_by_sampling(predictor: Any, image: torch.Tensor,
     condition = torch.as_tensor(image, dtype=torch.float32).to(device)
     with torch.no_grad():
         result = sample_masks(denoise, condition, manifest.num_classes - 1,
-                              WindowPlan(window.roi_size, window.overlap, window.mode, window.sw_batch_size),
+                              WindowPlan(window.roi_size, window.overlap, window.mode, window.sw_batch_size,
+                                         window.mirror_axes),
                               settings, progress)
     foreground = result.mean.cpu()
     background = 1 - foreground.max(0).values  # argmax picks a class exactly where its mean is over 0.5
@@ -65,7 +66,7 @@ def predict_by_sampling(predictor: Any, image: torch.Tensor,
         probabilities=torch.cat([background[None], foreground]),
         maps={"uncertainty": torch.cat([result.std, result.entropy]).cpu()},
         warnings=warnings,
-        details={"sampler": asdict(settings), "forwards": result.forwards,
+        details={"sampler": asdict(settings), "mirror_axes": list(window.mirror_axes), "forwards": result.forwards,
                  "uncertainty_channels": [f"std_{n}" for n in names] + [f"entropy_{n}" for n in names],
                  "boundary_uncertainty": {name: value for name, value in zip(names, score, strict=True)}},
     )

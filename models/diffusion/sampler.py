@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-from pipelines.inference.sliding_window import sliding_window_inference
+from pipelines.inference.sliding_window import mirror_combinations, sliding_window_inference
 
 # denoiser(window batch (n, K + C, *roi), timesteps (n,)) -> (n, K, *roi): the predicted noise or mask
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,6 +55,9 @@ class WindowPlan:
     overlap: float = 0.25
     mode: str = "gaussian"
     sw_batch_size: int = 2
+    # test-time mirroring: member m sees the image flipped along mirror_combinations(mirror_axes)[m % combinations]
+    # (the identity first), its sample is flipped back; free, as every member costs the same
+    mirror_axes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -90,10 +93,12 @@ def sample_masks(
     x = torch.randn((members, classes, *spatial), generator=generator, device=condition.device)
     scheduler = make_scheduler(settings)
     counted = {"windows": 0}
+    flips = member_flips(window.mirror_axes, members)
+    seen = {dims: condition.flip(dims) if dims else condition for dims in set(flips)}  # each member's image
 
     def stitched_output(x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        # one engine input holding every member: channels [x_1, cond, x_2, cond, ...]
-        packed = torch.cat([torch.cat([x_t[m], condition]) for m in range(members)])[None]
+        # one engine input holding every member: channels [x_1, cond_1, x_2, cond_2, ...]
+        packed = torch.cat([torch.cat([x_t[m], seen[flips[m]]]) for m in range(members)])[None]
 
         def forward(windows: torch.Tensor) -> torch.Tensor:
             n, roi = windows.shape[0], windows.shape[2:]
@@ -114,10 +119,17 @@ def sample_masks(
         x, _ = scheduler.step(model_output, int(t), x, eta=settings.eta, generator=generator)
         if progress is not None:
             progress(index + 1, len(timesteps))
+    x = torch.stack([x[m].flip(flips[m]) if flips[m] else x[m] for m in range(members)])  # back to the image's frame
     probabilities = ((x + 1) / 2).clamp(0, 1)
     mean = probabilities.mean(0)
     return SampledMasks(members=probabilities, mean=mean, std=probabilities.std(0, unbiased=False),
                         entropy=binary_entropy(mean), forwards=counted["windows"])
+
+
+def member_flips(axes: tuple[int, ...], members: int) -> list[tuple[int, ...]]:
+    """Per member, the dimensions of a ``(channels, *spatial)`` tensor it is flipped along (empty: none)."""
+    combos = mirror_combinations(axes)
+    return [tuple(1 + a for a in combos[m % len(combos)]) for m in range(members)]
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ class WindowSettings:
     overlap: float
     mode: str
     sw_batch_size: int
+    mirror_axes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Predictor:
         self.network = network.to(self.device)
         self.amp = amp and self.device.type == "cuda"
         spec = manifest.inference
-        self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size)
+        self.window = WindowSettings(spec.roi_size, spec.overlap, spec.mode, spec.sw_batch_size, spec.mirror_axes)
         self.sampling: dict[str, int] = checked_sampling(get_family(manifest.family), manifest.name,
                                                          manifest.network, sampling or {})
 
@@ -156,6 +157,7 @@ class Predictor:
             mode=self.window.mode,
             output="probabilities",
             amp=self.amp,
+            mirror_axes=self.window.mirror_axes,
             progress=progress,
             slab_sink=slab_sink,
         )

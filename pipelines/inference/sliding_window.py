@@ -223,10 +223,16 @@ def _validate(inputs: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int,
     return (roi[0], roi[1], roi[2])
 
 
+def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every combination of flips of the spatial ``axes``, the identity first: ``(0, 2)`` -> ``[(), (0,), (2,),
+    (0, 2)]``."""
+    return [c for n in range(len(axes) + 1) for c in product(sorted(axes), repeat=n)
+            if len(set(c)) == n and list(c) == sorted(c)]
+
+
 def _mirrored(predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[int]) -> Callable:
     """Test-time mirroring: the mean of the outputs over every combination of flips of ``axes``."""
-    combos = [c for n in range(len(axes) + 1) for c in product(axes, repeat=n) if len(set(c)) == n and list(c) ==
-              sorted(c)]
+    combos = mirror_combinations(axes)
 
     def predict(batch: torch.Tensor) -> torch.Tensor:
         total = None
