@@ -94,7 +94,8 @@ def train_like(demo: dict[str, Any], dataset: Path, out: Path, family: str, name
             "--validate-every", str(config["validate_every"] if iterations is None else iterations),
             "--validation-cases", str(config["validation_cases"]), "--intensity", config["intensity"]["kind"],
             "--keep-largest", ",".join(map(str, demo["keep_largest_component"])) or "none",
-            "--crop-centres", config.get("crop_centres", "foreground"), "--device", "cpu"]
+            "--crop-centres", config.get("crop_centres", "foreground"), "--device", "cpu",
+            "--mirror-axes", ",".join(map(str, config.get("mirror_axes") or [])) or "none"]
     if family == "diffusion":
         network = demo["network"]
         args += ["--unet-channels", ",".join(map(str, network["channels"])),
@@ -124,6 +125,8 @@ def score(manifest_path: Path, cases: list[CaseInput], truth: Path, out: Path,
         "dice": {name: values["dice"] for name, values in metrics["per_label"].items()},
         "hd95_mm": {name: values["hd95_mm"] for name, values in metrics["per_label"].items()},
         "cases": len(metrics["cases"]),
+        "per_case_dice": {case: {name: values["dice"] for name, values in scores["labels"].items()}
+                          for case, scores in metrics["cases"].items()},
         "seconds_per_case": round(seconds / len(cases), 1),
     }
     if "uncertainty" in metrics:
