@@ -115,6 +115,11 @@ def _triple(value: Any, what: str, where: str) -> tuple[Any, Any, Any]:
     return (value[0], value[1], value[2])
 
 
+def valid_mirror_axes(axes: tuple[int, ...]) -> bool:
+    """Mirror axes are distinct spatial axes of the model grid: each 0, 1 or 2, once."""
+    return set(axes) <= {0, 1, 2} and len(set(axes)) == len(axes)
+
+
 def manifest_from_dict(data: dict[str, Any], manifest_path: Path | None = None) -> ModelManifest:
     """Validate a manifest dictionary up front and build a :class:`ModelManifest`."""
     where = str(manifest_path) if manifest_path else "manifest"
@@ -158,7 +163,7 @@ def manifest_from_dict(data: dict[str, Any], manifest_path: Path | None = None) 
     )
     if not 0.0 <= inference.overlap < 1.0:
         raise ModelError("MANIFEST_INVALID", f"{where}: overlap must be in [0, 1), got {inference.overlap}")
-    if not set(inference.mirror_axes) <= {0, 1, 2} or len(set(inference.mirror_axes)) != len(inference.mirror_axes):
+    if not valid_mirror_axes(inference.mirror_axes):
         raise ModelError("MANIFEST_INVALID", f"{where}: mirror_axes must be distinct axes among 0, 1, 2, got "
                                              f"{list(inference.mirror_axes)}")
     weights = WeightsSpec(**_require(data, "weights", where))

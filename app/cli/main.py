@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from app.cli import commands
 from models.families import FAMILIES, LOSSES, all_families
+from models.manifest import valid_mirror_axes
 from pipelines.errors import TesseraError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -43,7 +44,7 @@ def _mirror_axes(text: str) -> tuple[int, ...]:
     if text.strip().lower() == "none":
         return ()
     axes = tuple(_int_list(text))
-    if not set(axes) <= {0, 1, 2} or len(set(axes)) != len(axes):
+    if not valid_mirror_axes(axes):
         raise argparse.ArgumentTypeError(f"expected none or distinct axes among 0,1,2, got {text!r}")
     return axes
 

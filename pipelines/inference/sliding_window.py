@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import product
+from itertools import combinations
 
 import torch
 import torch.nn.functional as F
@@ -226,8 +226,7 @@ def _validate(inputs: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int,
 def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Every combination of flips of the spatial ``axes``, the identity first: ``(0, 2)`` -> ``[(), (0,), (2,),
     (0, 2)]``."""
-    return [c for n in range(len(axes) + 1) for c in product(sorted(axes), repeat=n)
-            if len(set(c)) == n and list(c) == sorted(c)]
+    return [c for n in range(len(axes) + 1) for c in combinations(sorted(axes), n)]
 
 
 def _mirrored(predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[int]) -> Callable:
