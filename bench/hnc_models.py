@@ -15,7 +15,7 @@ Test cases: the committed held-out phantoms (sample_data/hnc/imagesTs) and fresh
 training never saw). Mean Dice over GTVp and GTVn per row; for the sampling rows the uncertainty AUROC (wrong vs
 right voxels, pooled over the test cases). Prints JSON.
 
-    python bench/hnc_models.py [--fresh 4] [--rows all] [--steps 50 --members 5] [--output FILE.json]
+    python bench/hnc_models.py [--fresh 4] [--rows all] [--steps 50 --members 5] [--seed N] [--output FILE.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import emit  # noqa: E402
 
+from models.diffusion.predict import sampler_settings  # noqa: E402
 from models.manifest import Channel, load_manifest  # noqa: E402
 from pipelines.cases import CaseInput  # noqa: E402
 from pipelines.evaluation_run import evaluate_folder  # noqa: E402
@@ -134,6 +136,12 @@ def score(manifest_path: Path, cases: list[CaseInput], truth: Path, out: Path,
     return row
 
 
+def sampler_used(manifest_path: Path, sampling: dict[str, int]) -> dict[str, int]:
+    """The steps, members and seed the sampling rows ran with on the CPU (the run's, else the manifest's)."""
+    settings, _ = sampler_settings(load_manifest(manifest_path).network, torch.device("cpu"), sampling)
+    return {"steps": settings.steps, "members": settings.members, "seed": settings.seed}
+
+
 def test_cases(dataset: Path) -> tuple[list[CaseInput], Path]:
     """The test split of ``dataset`` as cases (one file per channel) and the folder of their labels."""
     meta = json.loads((dataset / "dataset.json").read_text())
@@ -154,10 +162,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling rows: DDIM steps (default: the model's CPU budget), e.g. 50 for its GPU default")
     parser.add_argument("--members", type=int, default=None, help="sampling rows: ensemble members (as --steps)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampling rows: the sampler's seed (default: the manifest's) to measure sampling noise")
     parser.add_argument("--work", default=None, help="keep datasets, models and masks here (default: a temp dir)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    sampling = {key: value for key, value in (("steps", args.steps), ("members", args.members)) if value}
+    sampling = {key: value for key, value in (("steps", args.steps), ("members", args.members),
+                                                             ("seed", args.seed)) if value is not None}
     rows = ROWS if args.rows == "all" else tuple(r.strip() for r in args.rows.split(","))
     demo_dir = Path(args.demo)
     demo = json.loads((demo_dir / "manifest.json").read_text())
@@ -201,12 +212,13 @@ def main() -> None:
         "benchmark": "hnc_models",
         "demo": demo["name"],
         "recipe": demo["training"]["config"],
-        "sampling": sampling or "the model's CPU budget",
+        "sampling": {"requested": sampling or "the model's defaults on this machine",
+                     "used": sampler_used(demo_dir / "manifest.json", sampling)},
         "test_cases": {"kept": "sample_data/hnc/imagesTs (4)",
                        "fresh": f"{args.fresh} phantoms of seeds {FRESH_FIRST_SEED}+ (never seen in training)"},
         "rows": results,
         "platform": platform.platform(),
-        "threads": __import__("torch").get_num_threads(),
+        "threads": torch.get_num_threads(),
     }, args.output)
 
 
