@@ -6,8 +6,12 @@ brought back to the label's own grid by the pipeline's way back (``GridMapping.l
 class scores, argmax), then scored against the reference with ``tessera evaluate``'s Dice. The gap to 1 is what no
 model on that grid can win back through this way back; the volume ratio says whether masks come back smaller.
 
+``--to-model linear`` takes the labels to the model grid as soft labels instead: each class's indicator resampled
+trilinearly (the fraction a model trained on such targets would learn), brought back the same way. The gap
+between the two says how much of the ceiling is the nearest-neighbour training labels rather than the grid.
+
     python bench/grid_ceiling.py [--labels sample_data/hnc/labelsTs] [--spacings 4,3,2.5]
-        [--output bench/results/grid_ceiling_cpu.json]
+        [--to-model nearest|linear] [--output bench/results/grid_ceiling_cpu.json]
 """
 
 from __future__ import annotations
@@ -29,28 +33,35 @@ from monai.data import MetaTensor  # noqa: E402
 from monai.transforms import Compose  # noqa: E402
 from report import emit  # noqa: E402
 
-from models.manifest import PreprocessingSpec  # noqa: E402
+from models.manifest import IntensitySpec, PreprocessingSpec  # noqa: E402
 from pipelines.evaluation import score_case  # noqa: E402
 from pipelines.ingestion.nifti import read_nifti  # noqa: E402
 from pipelines.phantoms_hnc import HNC_LABELS  # noqa: E402
 from pipelines.preprocessing import prepare, training_transforms  # noqa: E402
 
 
-def round_trip(path: Path, spacing: float, names: dict[int, str]) -> dict[str, Any]:
-    """One label map to the model grid (nearest, as training) and back (the pipeline's way back)."""
+def round_trip(path: Path, spacing: float, names: dict[int, str], to_model: str = "nearest") -> dict[str, Any]:
+    """One label map to the model grid (``nearest``: as training takes labels; ``linear``: soft labels, each
+    class's indicator resampled trilinearly) and back (the pipeline's way back)."""
     volume = read_nifti(path)
-    spec = PreprocessingSpec(orientation="RAS", spacing=(spacing, spacing, spacing))
+    spec = PreprocessingSpec(orientation="RAS", spacing=(spacing, spacing, spacing),
+                             intensity=IntensitySpec(kind="none"))
     reference = np.asarray(volume.array, dtype=np.uint8)
     source = MetaTensor(torch.as_tensor(reference[None], dtype=torch.float32),
                         affine=torch.as_tensor(volume.affine))
-    on_model = Compose(training_transforms(spec, keys=("image", "label")))({"image": source, "label": source})
+    indicators = MetaTensor(torch.nn.functional.one_hot(torch.as_tensor(reference, dtype=torch.long), len(names) + 1)
+                            .permute(3, 0, 1, 2).float(), affine=torch.as_tensor(volume.affine))
+    on_model = Compose(training_transforms(spec, keys=("image", "label")))({"image": indicators, "label": source})
     model_labels = torch.as_tensor(on_model["label"][0]).round().long()
     mapping = prepare(volume, spec).mapping
     if tuple(model_labels.shape) != mapping.model_shape:
         raise SystemExit(f"{path.name}: training grid {tuple(model_labels.shape)} is not the inference grid "
                          f"{mapping.model_shape}")
-    one_hot = torch.nn.functional.one_hot(model_labels, len(names) + 1).permute(3, 0, 1, 2).float()
-    back = mapping.labels_to_source(one_hot).numpy().astype(np.uint8)
+    if to_model == "linear":  # the image path of the same transforms: trilinear, no intensity change
+        on_grid = torch.as_tensor(on_model["image"]).float()
+    else:
+        on_grid = torch.nn.functional.one_hot(model_labels, len(names) + 1).permute(3, 0, 1, 2).float()
+    back = mapping.labels_to_source(on_grid).numpy().astype(np.uint8)
     scores = score_case(back, reference, names, volume.spacing)
     return {
         "dice": {score.name: round(score.dice, 4) for score in scores},
@@ -62,19 +73,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", default=str(ROOT / "sample_data" / "hnc" / "labelsTs"))
     parser.add_argument("--spacings", default="4,3,2.5", help="isotropic model spacings in mm")
+    parser.add_argument("--to-model", choices=("nearest", "linear"), default="nearest",
+                        help="labels to the model grid by nearest neighbour (as training) or as soft labels")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     names = dict(HNC_LABELS)
     paths = sorted(Path(args.labels).glob("*.nii.gz"))
     results: dict[str, Any] = {}
     for spacing in (float(s) for s in args.spacings.split(",")):
-        cases = {p.name.removesuffix(".nii.gz"): round_trip(p, spacing, names) for p in paths}
+        cases = {p.name.removesuffix(".nii.gz"): round_trip(p, spacing, names, args.to_model) for p in paths}
         per_label = {name: round(float(np.mean([c["dice"][name] for c in cases.values()])), 4)
                      for name in names.values()}
         results[f"{spacing:g} mm"] = {"mean_dice": round(float(np.mean(list(per_label.values()))), 4),
                                       "dice": per_label, "cases": cases}
     emit({"benchmark": "grid_ceiling: a perfect model-grid mask through the way back",
-          "labels": args.labels.removeprefix(f"{ROOT}/"),
+          "labels": args.labels.removeprefix(f"{ROOT}/"), "to_model": args.to_model,
           "spacings": results, "platform": platform.platform()}, args.output)
 
 
