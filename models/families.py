@@ -70,6 +70,8 @@ class Family:
     # (network, image batch, label batch, the named loss, network settings) -> the training loss of one batch
     training_loss: Callable[[Any, Any, Any, Any, dict[str, Any]], Any] = field(
         default=lambda network, image, label, loss, settings: loss(network(image), label))
+    # whether ``training_loss`` takes soft labels: (B, classes incl. background, *crop) fractions that sum to 1
+    takes_soft_labels: bool = False
     # families that sample: (per-run steps / members / seed, network settings) -> the checked run settings,
     # or SAMPLING_INVALID; None for a family that does not sample (SAMPLING_NOT_SUPPORTED)
     check_sampling: Callable[[Mapping[str, Any], dict[str, Any]], dict[str, int]] | None = None

@@ -161,11 +161,13 @@ def _affine(image: torch.Tensor) -> np.ndarray:
     return np.asarray(image.affine, dtype=np.float64)
 
 
-def training_transforms(spec: PreprocessingSpec, keys: tuple[str, str] = ("image", "label")) -> list[Any]:
-    """The same model-space mapping as :func:`prepare`, as MONAI dictionary transforms for training."""
+def training_transforms(spec: PreprocessingSpec, keys: tuple[str, str] = ("image", "label"),
+                        label_mode: str = "nearest") -> list[Any]:
+    """The same model-space mapping as :func:`prepare`, as MONAI dictionary transforms for training; labels are
+    resampled by ``label_mode`` (``bilinear`` for one-hot labels that become per-class fractions)."""
     steps: list[Any] = [Orientationd(keys=keys, axcodes=spec.orientation)]
     if spec.spacing:
-        steps.append(Spacingd(keys=keys, pixdim=spec.spacing, mode=("bilinear", "nearest")))
+        steps.append(Spacingd(keys=keys, pixdim=spec.spacing, mode=("bilinear", label_mode)))
     intensity = spec.intensity
     if intensity.kind == "window":
         steps.append(

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, MetaTensor
 from monai.transforms import (
+    AsDiscreted,
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    Lambdad,
     LoadImaged,
     RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
@@ -84,6 +86,10 @@ class TrainingConfig:
     # model-grid axes (RAS: 0 = left-right) along which the anatomy is symmetric: crops flipped along each at random
     # in training, and the model mirrors at inference (manifest inference.mirror_axes)
     mirror_axes: tuple[int, ...] = ()
+    # labels reach the model grid as per-class fractions (one-hot, resampled trilinearly) instead of by nearest
+    # neighbour, so a model coarser than its source learns where a boundary lies within a voxel (families whose
+    # loss takes soft labels: diffusion)
+    soft_labels: bool = False
 
     def training_recipe(self, family: Family) -> TrainingRecipe:
         if self.recipe == "default":
@@ -180,10 +186,14 @@ def _loader(manifest: ModelManifest, cases: list[dict[str, Any]], config: Traini
     several = any(isinstance(case["image"], list) for case in cases)
     # one file per case: MONAI loads it; one file per channel: read like inference (channels on one grid)
     loading = [] if several else [LoadImaged(keys=keys, image_only=False), EnsureChannelFirstd(keys=keys)]
+    classes = len(manifest.labels) + 1
+    soft = [AsDiscreted(keys="label", to_onehot=classes)] if config.soft_labels else []
     transforms = Compose([
         *loading,
-        *training_transforms(manifest.preprocessing, keys),
+        *soft,
+        *training_transforms(manifest.preprocessing, keys, "bilinear" if config.soft_labels else "nearest"),
         SpatialPadd(keys=keys, spatial_size=config.crop_size),
+        *([Lambdad(keys="label", func=background_completed)] if config.soft_labels else []),
         EnsureTyped(keys=keys, track_meta=False),
     ])
     random = Compose([
@@ -197,6 +207,14 @@ def _loader(manifest: ModelManifest, cases: list[dict[str, Any]], config: Traini
     cached = CacheDataset(items, transform=Compose([transforms, random]), cache_rate=1.0, num_workers=0,
                           progress=False)
     return DataLoader(cached, batch_size=1, shuffle=True, num_workers=0)
+
+
+def background_completed(fractions: torch.Tensor) -> torch.Tensor:
+    """Per-class fractions ``(classes, *spatial)`` with the background channel made ``1 - sum(foreground)`` (padding
+    and resampling leave it short), clipped to [0, 1]."""
+    fractions = fractions.clamp(0, 1)
+    background = (1 - fractions[1:].sum(0, keepdim=True)).clamp(0, 1)
+    return torch.cat([background, fractions[1:]], dim=0)
 
 
 CROP_CENTRES = ("foreground", "classes")
@@ -232,6 +250,12 @@ def train(
     manifest = manifest_from_dict(manifest_data, manifest_path=out / "manifest.json")
     family = get_family(config.family)
     family.check_window(config.crop_size, manifest.network, "training crop")
+    if config.soft_labels and not family.takes_soft_labels:
+        raise UsageError("BAD_ARGUMENT", f"soft labels need a family whose loss takes them (diffusion); "
+                                         f"{family.name}'s does not")
+    if config.soft_labels and config.crop_centres != "classes":
+        raise UsageError("BAD_ARGUMENT", "soft labels need --crop-centres classes (crops centred per class on the "
+                                         "per-class fractions)")
     recipe = config.training_recipe(family)
     loss_name = config.loss or family.default_loss
     n_val = min(config.validation_cases, max(len(dataset.training) - 1, 0))

@@ -133,6 +133,8 @@ def test_train_the_mamba_clinix_family_with_its_reference_recipe(tmp_path, tiny_
     (["--keep-largest", "9"], 2, "keep-largest labels [9]"),
     (["--keep-largest", "liver"], 2, "BAD_ARGUMENT"),
     (["--mirror-axes", "0,3"], 2, "distinct axes among 0,1,2"),
+    (["--soft-labels", "--crop-centres", "classes"], 2, "soft labels need a family whose loss takes them"),
+    (["--family", "diffusion", "--soft-labels", "--crop", "32", "--roi", "32"], 2, "--crop-centres classes"),
 ])
 def test_impossible_training_settings_fail_before_training(tmp_path, tiny_dataset, args, code, words):
     run = tessera("train", str(tiny_dataset), "-o", str(tmp_path / "m"), "--name", "x", "--iterations", "1", *args)
@@ -149,9 +151,10 @@ def test_train_and_segment_with_the_diffusion_family(tmp_path, tiny_dataset):
                   "--unet-channels", "8,16", "--prediction", "sample", "--sampling-steps", "2", "--members", "2",
                   "--iterations", "2", "--validate-every", "2", "--validation-cases", "1", "--crop", "32",
                   "--roi", "32", "--spacing", "5", "--device", "cpu", "--keep-largest", "1,5",
-                  "--attention-levels", "0,1", "--mirror-axes", "0")
+                  "--attention-levels", "0,1", "--mirror-axes", "0", "--soft-labels", "--crop-centres", "classes")
     assert run.returncode == 0, run.stderr
     manifest = load_manifest(out / "manifest.json")
+    assert manifest.training["config"]["soft_labels"] is True
     assert manifest.family == "diffusion" and manifest.network["prediction_type"] == "sample"
     assert manifest.inference.mirror_axes == (0,) and manifest.training["config"]["mirror_axes"] == [0]
     assert manifest.network["attention_levels"] == [False, True]
@@ -220,3 +223,49 @@ def test_auroc_oracles():
     assert auroc(np.zeros(4), wrong) == 0.5  # no ranking at all: ties count half
     assert auroc(np.array([0.1, 0.5, 0.5, 0.9]), wrong) == pytest.approx(0.875)
     assert auroc(np.ones(3), np.zeros(3, bool)) is None
+
+
+def test_soft_labels_are_per_class_fractions_and_the_diffusion_loss_takes_them():
+    """Soft labels: one-hot, resampled trilinearly to a coarser grid, padded, background completed: fractions in
+    [0, 1] that sum to 1 everywhere (padding included), partial at boundaries, and where a voxel is wholly one
+    class it is the nearest-neighbour label's class; the diffusion loss of an exact one-hot label equals that of
+    the integer label it came from (same noise)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import AsDiscreted, Compose, SpatialPadd
+
+    from models.diffusion.network import build_denoiser
+    from models.diffusion.training import diffusion_loss
+    from models.manifest import IntensitySpec, PreprocessingSpec
+    from pipelines.preprocessing import training_transforms
+    from pipelines.training import background_completed
+
+    label = torch.zeros(1, 24, 24, 24)
+    label[0, 8:15, 6:14, 6:14] = 1  # boundaries between the 2.5 mm grid's points
+    label[0, 17:21, 4:9, 10:15] = 2
+    spec = PreprocessingSpec(orientation="RAS", spacing=(2.5, 2.5, 2.5), intensity=IntensitySpec(kind="none"))
+    item = {"image": MetaTensor(torch.rand(1, 24, 24, 24)), "label": MetaTensor(label.clone())}
+    soft = Compose([AsDiscreted(keys="label", to_onehot=3), *training_transforms(spec, ("image", "label"), "bilinear"),
+                    SpatialPadd(keys=("image", "label"), spatial_size=(12, 12, 12))])(item)["label"]
+    fractions = background_completed(torch.as_tensor(soft))
+    assert fractions.shape[0] == 3 and fractions.shape[1:] == (12, 12, 12)
+    assert float(fractions.min()) >= 0 and float(fractions.max()) <= 1
+    torch.testing.assert_close(fractions.sum(0), torch.ones(12, 12, 12))
+    partial = (fractions[1] > 0.01) & (fractions[1] < 0.99)
+    assert partial.any() and float(fractions[1].max()) == 1.0  # a boundary within voxels, a core that is whole
+    nearest = torch.as_tensor(Compose(training_transforms(spec, ("image", "label")))(
+        {"image": MetaTensor(torch.rand(1, 24, 24, 24)), "label": MetaTensor(label.clone())})["label"][0]).long()
+    inside = fractions[:, 1:11, 1:11, 1:11]  # the resampled grid is 10^3, then padded by one on each side
+    whole = inside.max(0).values == 1  # voxels wholly of one class: the nearest label agrees
+    assert whole.sum() > 500 and torch.equal(inside.argmax(0)[whole], nearest[whole])
+
+    network = build_denoiser(1, 3, {"channels": [8, 16], "prediction_type": "sample"})
+    image = torch.rand(2, 1, 16, 16, 16)
+    integers = torch.randint(0, 3, (2, 1, 16, 16, 16)).float()
+    one_hot = torch.nn.functional.one_hot(integers[:, 0].long(), 3).permute(0, 4, 1, 2, 3).float()
+    settings = {"prediction_type": "sample"}
+    torch.manual_seed(3)
+    from_integers = diffusion_loss(network, image, integers, settings)
+    torch.manual_seed(3)
+    from_one_hot = diffusion_loss(network, image, one_hot, settings)
+    assert torch.equal(from_integers, from_one_hot)

@@ -87,7 +87,7 @@ def train(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, network=network, spacing=args.spacing, intensity=intensity,
         roi_size=args.roi, init_weights=args.init, save_fp16=args.save_fp16, family=args.family, loss=args.loss,
         recipe=args.recipe, keep_largest=_label_values(args.keep_largest),
-        crop_centres=args.crop_centres, mirror_axes=args.mirror_axes,
+        crop_centres=args.crop_centres, mirror_axes=args.mirror_axes, soft_labels=args.soft_labels,
     )
     # Display colours for labels the phantom generator knows by name; other datasets get viewer defaults.
     colors = {s.value: s.color for s in STRUCTURES}

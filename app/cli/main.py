@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "training crops are flipped along them at random and the model mirrors at inference "
                           "(window families average the flips, 2x per axis; sampling families mirror alternate "
                           "ensemble members, at no cost); default none")
+    trn.add_argument("--soft-labels", action="store_true",
+                     help="labels reach the model grid as per-class fractions (one-hot, resampled trilinearly), not "
+                          "by nearest neighbour: a model coarser than its source learns where a boundary lies "
+                          "within a voxel (families whose loss takes them: diffusion)")
     trn.add_argument("--init", default=None, help="start from this checkpoint (same network settings)")
     trn.add_argument("--save-fp16", action="store_true", help="store the weights as float16 (half the size)")
     trn.add_argument("--device", default="auto")

@@ -65,6 +65,7 @@ FAMILY = Family(
     predict=_predict,
     predicts_by_window=False,
     training_loss=_training_loss,
+    takes_soft_labels=True,
     check_sampling=check_sampling,
 )
 

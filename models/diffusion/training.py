@@ -14,10 +14,14 @@ from models.losses import soft_dice_score
 
 def diffusion_loss(network: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
                    settings: dict[str, Any]) -> torch.Tensor:
-    """``image`` (B, C, *crop), ``label`` (B, 1, *crop) integers -> the training loss of one batch."""
+    """``image`` (B, C, *crop), ``label`` (B, 1, *crop) integers or (B, classes, *crop) per-class fractions (soft
+    labels, background first) -> the training loss of one batch."""
     s = settings_with_defaults(settings)
     classes = int(network.out_channels) + 1  # type: ignore[arg-type]
-    onehot = F.one_hot(label[:, 0].long(), classes).permute(0, 4, 1, 2, 3).float()
+    if label.shape[1] == classes:
+        onehot = label.float()
+    else:
+        onehot = F.one_hot(label[:, 0].long(), classes).permute(0, 4, 1, 2, 3).float()
     x0 = 2 * onehot[:, 1:] - 1
     scheduler = DDPMScheduler(num_train_timesteps=int(s["train_steps"]), schedule="linear_beta",
                               beta_start=float(s["beta_start"]), beta_end=float(s["beta_end"]))
