@@ -49,18 +49,15 @@ def round_trip(path: Path, spacing: float, names: dict[int, str], to_model: str 
     reference = np.asarray(volume.array, dtype=np.uint8)
     source = MetaTensor(torch.as_tensor(reference[None], dtype=torch.float32),
                         affine=torch.as_tensor(volume.affine))
-    indicators = MetaTensor(torch.nn.functional.one_hot(torch.as_tensor(reference, dtype=torch.long), len(names) + 1)
-                            .permute(3, 0, 1, 2).float(), affine=torch.as_tensor(volume.affine))
-    on_model = Compose(training_transforms(spec, keys=("image", "label")))({"image": indicators, "label": source})
-    model_labels = torch.as_tensor(on_model["label"][0]).round().long()
+    soft_classes = len(names) + 1 if to_model == "linear" else None
+    on_model = Compose(training_transforms(spec, ("image", "label"), soft_classes))({"image": source, "label": source})
+    on_grid = torch.as_tensor(on_model["label"]).float()
     mapping = prepare(volume, spec).mapping
-    if tuple(model_labels.shape) != mapping.model_shape:
-        raise SystemExit(f"{path.name}: training grid {tuple(model_labels.shape)} is not the inference grid "
+    if tuple(on_grid.shape[1:]) != mapping.model_shape:
+        raise SystemExit(f"{path.name}: training grid {tuple(on_grid.shape[1:])} is not the inference grid "
                          f"{mapping.model_shape}")
-    if to_model == "linear":  # the image path of the same transforms: trilinear, no intensity change
-        on_grid = torch.as_tensor(on_model["image"]).float()
-    else:
-        on_grid = torch.nn.functional.one_hot(model_labels, len(names) + 1).permute(3, 0, 1, 2).float()
+    if soft_classes is None:  # nearest-neighbour labels, made a perfect one-hot prediction
+        on_grid = torch.nn.functional.one_hot(on_grid[0].round().long(), len(names) + 1).permute(3, 0, 1, 2).float()
     back = mapping.labels_to_source(on_grid).numpy().astype(np.uint8)
     scores = score_case(back, reference, names, volume.spacing)
     return {

@@ -136,9 +136,9 @@ def score(manifest_path: Path, cases: list[CaseInput], truth: Path, out: Path,
     return row
 
 
-def sampler_used(manifest_path: Path, sampling: dict[str, int]) -> dict[str, int]:
+def sampler_used(network: dict[str, Any], sampling: dict[str, int]) -> dict[str, int]:
     """The steps, members and seed the sampling rows ran with on the CPU (the run's, else the manifest's)."""
-    settings, _ = sampler_settings(load_manifest(manifest_path).network, torch.device("cpu"), sampling)
+    settings, _ = sampler_settings(network, torch.device("cpu"), sampling)
     return {"steps": settings.steps, "members": settings.members, "seed": settings.seed}
 
 
@@ -213,7 +213,7 @@ def main() -> None:
         "demo": demo["name"],
         "recipe": demo["training"]["config"],
         "sampling": {"requested": sampling or "the model's defaults on this machine",
-                     "used": sampler_used(demo_dir / "manifest.json", sampling)},
+                     "used": sampler_used(demo["network"], sampling)},
         "test_cases": {"kept": "sample_data/hnc/imagesTs (4)",
                        "fresh": f"{args.fresh} phantoms of seeds {FRESH_FIRST_SEED}+ (never seen in training)"},
         "rows": results,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
+    AsDiscreted,
     NormalizeIntensity,
     NormalizeIntensityd,
     Orientation,
@@ -162,11 +163,14 @@ def _affine(image: torch.Tensor) -> np.ndarray:
 
 
 def training_transforms(spec: PreprocessingSpec, keys: tuple[str, str] = ("image", "label"),
-                        label_mode: str = "nearest") -> list[Any]:
-    """The same model-space mapping as :func:`prepare`, as MONAI dictionary transforms for training; labels are
-    resampled by ``label_mode`` (``bilinear`` for one-hot labels that become per-class fractions)."""
-    steps: list[Any] = [Orientationd(keys=keys, axcodes=spec.orientation)]
+                        soft_classes: int | None = None) -> list[Any]:
+    """The same model-space mapping as :func:`prepare`, as MONAI dictionary transforms for training. Labels are
+    resampled by nearest neighbour, or with ``soft_classes`` made one-hot over that many classes (background
+    included) and resampled trilinearly: per-class fractions of each model voxel."""
+    steps: list[Any] = [AsDiscreted(keys=keys[1], to_onehot=soft_classes)] if soft_classes else []
+    steps.append(Orientationd(keys=keys, axcodes=spec.orientation))
     if spec.spacing:
+        label_mode = "bilinear" if soft_classes else "nearest"
         steps.append(Spacingd(keys=keys, pixdim=spec.spacing, mode=("bilinear", label_mode)))
     intensity = spec.intensity
     if intensity.kind == "window":

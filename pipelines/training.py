@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, MetaTensor
 from monai.transforms import (
-    AsDiscreted,
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -41,7 +40,7 @@ from monai.utils import set_determinism
 from models.checkpoints import load_into, read_state_dict, save_state_dict
 from models.families import Family, TrainingRecipe, get_family
 from models.losses import build_loss
-from models.manifest import ModelManifest, file_sha256, manifest_from_dict
+from models.manifest import ModelManifest, PreprocessingSpec, file_sha256, manifest_from_dict
 from models.networks import build_network
 from pipelines.errors import InputError, UsageError
 from pipelines.evaluation import mean_dice, score_case
@@ -186,14 +185,10 @@ def _loader(manifest: ModelManifest, cases: list[dict[str, Any]], config: Traini
     several = any(isinstance(case["image"], list) for case in cases)
     # one file per case: MONAI loads it; one file per channel: read like inference (channels on one grid)
     loading = [] if several else [LoadImaged(keys=keys, image_only=False), EnsureChannelFirstd(keys=keys)]
-    classes = len(manifest.labels) + 1
-    soft = [AsDiscreted(keys="label", to_onehot=classes)] if config.soft_labels else []
+    soft_classes = len(manifest.labels) + 1 if config.soft_labels else None
     transforms = Compose([
         *loading,
-        *soft,
-        *training_transforms(manifest.preprocessing, keys, "bilinear" if config.soft_labels else "nearest"),
-        SpatialPadd(keys=keys, spatial_size=config.crop_size),
-        *([Lambdad(keys="label", func=background_completed)] if config.soft_labels else []),
+        *model_grid_transforms(manifest.preprocessing, keys, config.crop_size, soft_classes),
         EnsureTyped(keys=keys, track_meta=False),
     ])
     random = Compose([
@@ -207,6 +202,16 @@ def _loader(manifest: ModelManifest, cases: list[dict[str, Any]], config: Traini
     cached = CacheDataset(items, transform=Compose([transforms, random]), cache_rate=1.0, num_workers=0,
                           progress=False)
     return DataLoader(cached, batch_size=1, shuffle=True, num_workers=0)
+
+
+def model_grid_transforms(spec: PreprocessingSpec, keys: tuple[str, str], crop_size: tuple[int, int, int],
+                          soft_classes: int | None) -> list[Any]:
+    """Image and label to the model grid (:func:`training_transforms`), padded to at least ``crop_size``; soft
+    labels (``soft_classes``) get their background completed where the padding left it empty."""
+    steps = [*training_transforms(spec, keys, soft_classes), SpatialPadd(keys=keys, spatial_size=crop_size)]
+    if soft_classes:
+        steps.append(Lambdad(keys=keys[1], func=background_completed))
+    return steps
 
 
 def background_completed(fractions: torch.Tensor) -> torch.Tensor:

@@ -232,22 +232,21 @@ def test_soft_labels_are_per_class_fractions_and_the_diffusion_loss_takes_them()
     the integer label it came from (same noise)."""
     import torch
     from monai.data import MetaTensor
-    from monai.transforms import AsDiscreted, Compose, SpatialPadd
+    from monai.transforms import Compose
 
     from models.diffusion.network import build_denoiser
     from models.diffusion.training import diffusion_loss
     from models.manifest import IntensitySpec, PreprocessingSpec
     from pipelines.preprocessing import training_transforms
-    from pipelines.training import background_completed
+    from pipelines.training import model_grid_transforms
 
     label = torch.zeros(1, 24, 24, 24)
     label[0, 8:15, 6:14, 6:14] = 1  # boundaries between the 2.5 mm grid's points
     label[0, 17:21, 4:9, 10:15] = 2
     spec = PreprocessingSpec(orientation="RAS", spacing=(2.5, 2.5, 2.5), intensity=IntensitySpec(kind="none"))
     item = {"image": MetaTensor(torch.rand(1, 24, 24, 24)), "label": MetaTensor(label.clone())}
-    soft = Compose([AsDiscreted(keys="label", to_onehot=3), *training_transforms(spec, ("image", "label"), "bilinear"),
-                    SpatialPadd(keys=("image", "label"), spatial_size=(12, 12, 12))])(item)["label"]
-    fractions = background_completed(torch.as_tensor(soft))
+    soft = Compose(model_grid_transforms(spec, ("image", "label"), (12, 12, 12), soft_classes=3))(item)["label"]
+    fractions = torch.as_tensor(soft)
     assert fractions.shape[0] == 3 and fractions.shape[1:] == (12, 12, 12)
     assert float(fractions.min()) >= 0 and float(fractions.max()) <= 1
     torch.testing.assert_close(fractions.sum(0), torch.ones(12, 12, 12))
