@@ -15,7 +15,11 @@ Test cases: the committed held-out phantoms (sample_data/hnc/imagesTs) and fresh
 training never saw). Mean Dice over GTVp and GTVn per row; for the sampling rows the uncertainty AUROC (wrong vs
 right voxels, pooled over the test cases). Prints JSON.
 
-    python bench/hnc_models.py [--fresh 4] [--rows all] [--steps 50 --members 5] [--seed N] [--output FILE.json]
+    python bench/hnc_models.py [--fresh 4] [--fresh-first-seed 1000] [--no-kept] [--rows all]
+                               [--steps 50 --members 5] [--seed N] [--output FILE.json]
+
+``--fresh-first-seed`` and ``--no-kept`` score the demo on other unseen sets alone (e.g. the validation phantoms,
+seeds 500-507: ``--rows demo --fresh 8 --fresh-first-seed 500 --no-kept``).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ from pipelines.segment import segment_case  # noqa: E402
 
 SAMPLE = ROOT / "sample_data" / "hnc"
 PET_CT = (Channel("CT", "CT"), Channel("PET", "PT"))
-FRESH_FIRST_SEED = 1000  # the committed phantoms are seeds 0-19
+FRESH_FIRST_SEED = 1000
+FRESH_FIRST_SEED_MIN = 20  # the committed phantoms (sample_data/hnc) are seeds 0-19
 TRAIN_FIRST_SEED, TRAIN_CASES = 100, 64  # the demo's training set (README: tessera sample-data --first-seed 100)
 ROWS = ("demo", "swin_unetr PET+CT", "diffusion PET+CT", "diffusion PET", "diffusion CT")
 
@@ -158,6 +163,9 @@ def main() -> None:
     parser.add_argument("--demo", default=str(ROOT / "models" / "weights" / "diffusion-hnc-phantom"))
     parser.add_argument("--ablation-iterations", type=int, default=600)
     parser.add_argument("--fresh", type=int, default=4, help="freshly generated test phantoms (besides the 4 kept)")
+    parser.add_argument("--fresh-first-seed", type=int, default=FRESH_FIRST_SEED,
+                        help="the fresh phantoms' first seed (not 100-163: those are the training set)")
+    parser.add_argument("--no-kept", action="store_true", help="score the fresh phantoms only")
     parser.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROWS)}")
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling rows: DDIM steps (default: the model's CPU budget), e.g. 50 for its GPU default")
@@ -167,6 +175,9 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="keep datasets, models and masks here (default: a temp dir)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    seen = set(range(TRAIN_FIRST_SEED, TRAIN_FIRST_SEED + TRAIN_CASES)) | set(range(FRESH_FIRST_SEED_MIN))
+    if seen & set(range(args.fresh_first_seed, args.fresh_first_seed + args.fresh)):
+        parser.error("--fresh-first-seed: those seeds are the committed phantoms (0-19) or the training set (100-163)")
     sampling = {key: value for key, value in (("steps", args.steps), ("members", args.members),
                                                              ("seed", args.seed)) if value is not None}
     rows = ROWS if args.rows == "all" else tuple(r.strip() for r in args.rows.split(","))
@@ -175,10 +186,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work or scratch)
         work.mkdir(parents=True, exist_ok=True)
-        fresh = write_hnc_dataset(work / "fresh_pet_ct", n_train=0, n_test=args.fresh, first_seed=FRESH_FIRST_SEED)
+        fresh = write_hnc_dataset(work / "fresh_pet_ct", n_train=0, n_test=args.fresh, first_seed=args.fresh_first_seed)
         training = write_hnc_dataset(work / "train_pet_ct", n_train=TRAIN_CASES, n_test=0,
                                      first_seed=TRAIN_FIRST_SEED) if set(rows) - {"demo"} else work / "unused"
-        pet_ct = {"kept": SAMPLE, "fresh": fresh} if args.fresh > 0 else {"kept": SAMPLE}
+        pet_ct = {} if args.no_kept else {"kept": SAMPLE}
+        if args.fresh > 0:
+            pet_ct["fresh"] = fresh
         results: dict[str, Any] = {}
         for row in rows:
             family, channels = row.split(" ") if row != "demo" else ("diffusion", "PET+CT")
@@ -192,7 +205,7 @@ def main() -> None:
             entry: dict[str, Any] = {"family": family, "channels": channels}
             if row == "demo":
                 manifest_path = demo_dir / "manifest.json"
-                entry["model"] = demo["name"] + " (shipped)"
+                entry["model"] = f"{demo['name']} {demo['version']}"
                 entry["iterations"] = demo["training"]["config"]["iterations"]
                 entry["training_seconds"] = demo["training"]["seconds"]
             else:
@@ -210,12 +223,13 @@ def main() -> None:
             print(json.dumps({row: entry}), file=sys.stderr)
     emit({
         "benchmark": "hnc_models",
-        "demo": demo["name"],
+        "demo": f"{demo['name']} {demo['version']}",
+        "demo_weights_sha256": demo["weights"]["sha256"],
         "recipe": demo["training"]["config"],
         "sampling": {"requested": sampling or "the model's defaults on this machine",
                      "used": sampler_used(demo["network"], sampling)},
-        "test_cases": {"kept": "sample_data/hnc/imagesTs (4)",
-                       "fresh": f"{args.fresh} phantoms of seeds {FRESH_FIRST_SEED}+ (never seen in training)"},
+        "test_cases": {"kept": None if args.no_kept else "sample_data/hnc/imagesTs (4)",
+                       "fresh": f"{args.fresh} phantoms of seeds {args.fresh_first_seed}+ (never seen in training)"},
         "rows": results,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
