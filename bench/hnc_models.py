@@ -57,7 +57,7 @@ from pipelines.segment import segment_case  # noqa: E402
 SAMPLE = ROOT / "sample_data" / "hnc"
 PET_CT = (Channel("CT", "CT"), Channel("PET", "PT"))
 FRESH_FIRST_SEED = 1000
-FRESH_FIRST_SEED_MIN = 20  # the committed phantoms (sample_data/hnc) are seeds 0-19
+COMMITTED_SEEDS = range(20)  # sample_data/hnc
 TRAIN_FIRST_SEED, TRAIN_CASES = 100, 64  # the demo's training set (README: tessera sample-data --first-seed 100)
 ROWS = ("demo", "swin_unetr PET+CT", "diffusion PET+CT", "diffusion PET", "diffusion CT")
 
@@ -175,9 +175,11 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="keep datasets, models and masks here (default: a temp dir)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    seen = set(range(TRAIN_FIRST_SEED, TRAIN_FIRST_SEED + TRAIN_CASES)) | set(range(FRESH_FIRST_SEED_MIN))
+    seen = set(COMMITTED_SEEDS) | set(range(TRAIN_FIRST_SEED, TRAIN_FIRST_SEED + TRAIN_CASES))
     if seen & set(range(args.fresh_first_seed, args.fresh_first_seed + args.fresh)):
         parser.error("--fresh-first-seed: those seeds are the committed phantoms (0-19) or the training set (100-163)")
+    if args.no_kept and args.fresh <= 0:
+        parser.error("--no-kept needs --fresh N (N > 0): there would be nothing to score")
     sampling = {key: value for key, value in (("steps", args.steps), ("members", args.members),
                                                              ("seed", args.seed)) if value is not None}
     rows = ROWS if args.rows == "all" else tuple(r.strip() for r in args.rows.split(","))
