@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--ablation-iterations", type=int, default=600)
     parser.add_argument("--fresh", type=int, default=4, help="freshly generated test phantoms (besides the 4 kept)")
     parser.add_argument("--fresh-first-seed", type=int, default=FRESH_FIRST_SEED,
-                        help="the fresh phantoms' first seed (not 100-163: those are the training set)")
+                        help="the fresh phantoms' first seed (not 0-19, the committed ones, or 100-163, training)")
     parser.add_argument("--no-kept", action="store_true", help="score the fresh phantoms only")
     parser.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROWS)}")
     parser.add_argument("--steps", type=int, default=None,
@@ -231,7 +231,8 @@ def main() -> None:
         "sampling": {"requested": sampling or "the model's defaults on this machine",
                      "used": sampler_used(demo["network"], sampling)},
         "test_cases": {"kept": None if args.no_kept else "sample_data/hnc/imagesTs (4)",
-                       "fresh": f"{args.fresh} phantoms of seeds {args.fresh_first_seed}+ (never seen in training)"},
+                       "fresh": f"{args.fresh} phantoms of seeds {args.fresh_first_seed}+ (never seen in training)"
+                       if args.fresh > 0 else None},
         "rows": results,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
